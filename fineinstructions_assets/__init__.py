@@ -1,0 +1,1 @@
+"""The Dagster layer: assets, checks, partitions, resources, sensors and jobs over fineinstructions_core."""

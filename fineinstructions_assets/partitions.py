@@ -1,0 +1,31 @@
+"""Dynamic partitions, registered from the project config by a sensor and by `fineinstructions register`."""
+
+from __future__ import annotations
+
+from dagster import DagsterInstance, DynamicPartitionsDefinition
+
+from fineinstructions_core.config import Config
+from fineinstructions_core.shards import plan_all_shards
+
+query_sources = DynamicPartitionsDefinition(name="query_sources")
+corpus_shards = DynamicPartitionsDefinition(name="corpus_shards")
+
+
+def desired_partitions(cfg: Config) -> dict[str, list[str]]:
+    """Partition keys the config implies now (cutting new shards for new corpus files)."""
+    return {
+        query_sources.name: [s.name for s in cfg.query_sources],
+        corpus_shards.name: [s.key for s in plan_all_shards(cfg)],
+    }
+
+
+def register_partitions(cfg: Config, instance: DagsterInstance) -> dict[str, list[str]]:
+    """Add the keys that are missing; returns the new ones per partition set."""
+    added: dict[str, list[str]] = {}
+    for name, keys in desired_partitions(cfg).items():
+        have = set(instance.get_dynamic_partitions(name))
+        new = [k for k in keys if k not in have]
+        if new:
+            instance.add_dynamic_partitions(name, new)
+        added[name] = new
+    return added

@@ -1,0 +1,176 @@
+"""Stage 4, instantiation: (template, document) -> grounded instruction + answer, or `null`.
+
+The instantiator reads the window of the document around the chunk that retrieved the template (a long
+book never fits a small model's context), writes its answer with `<excerpt>` tags, and the excerpts are
+expanded against the whole document with character offsets kept. Every match gets a row and a status.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .excerpts import ExcerptError, expand_answer
+from .ids import content_id
+from .llm.base import ChatMessage, GenerationRequest, GenerationResult
+
+SYSTEM = (
+    "You fill an instruction template with details from a document and answer it by quoting the document. "
+    "Write 'Instruction:' with every <fi> tag replaced by words from the document, then 'Answer:' made of "
+    "quotes from the document, each quote wrapped as <excerpt>copied text</excerpt>. Never mention 'the "
+    "document' or 'the text'. If the document cannot answer the template, write only: null"
+)
+
+FEW_SHOT = [
+    (
+        "what effects does <fi>a medical condition</fi> have on the <fi>a body part</fi>?",
+        "Diabetic retinopathy is a complication of diabetes. High blood sugar damages the blood vessels of "
+        "the retina, which can cause blurred vision and, without treatment, blindness. Regular eye exams "
+        "help detect it early.",
+        "Instruction: what effects does diabetes have on the eyes?\n"
+        "Answer: <excerpt>High blood sugar damages the blood vessels of the retina, which can cause blurred "
+        "vision and, without treatment, blindness.</excerpt>",
+    ),
+    (
+        "when did the <fi>historical event</fi> start",
+        "Install the package with apt install foo. The configuration file lives in /etc/foo.conf.",
+        "Instruction: null",
+    ),
+    (
+        "How do I <fi>task</fi> with <fi>tool</fi>?",
+        "To create an archive, tar is the usual tool. Run tar -czf backup.tar.gz folder/ to compress a "
+        "folder. The z option selects gzip compression.",
+        "Instruction: How do I compress a folder with tar?\n"
+        "Answer: <excerpt>Run tar -czf backup.tar.gz folder/ to compress a folder.</excerpt> "
+        "<excerpt>The z option selects gzip compression.</excerpt>",
+    ),
+]
+
+_REFERS = re.compile(r"\b(the|this|that) (document|text|passage|excerpt|article)\b", re.IGNORECASE)
+
+
+def _user_turn(template: str, document: str) -> str:
+    return f"<<<Instruction Template:\n{template}\n>>>\n\n<<<Compatible Document:\n{document}\n>>>"
+
+
+def build_request(
+    template: str, window: str, model: str, max_new_tokens: int, temperature: float, constrain: bool = True
+) -> GenerationRequest:
+    messages = [ChatMessage("system", SYSTEM)]
+    for t, d, a in FEW_SHOT:
+        messages.append(ChatMessage("user", _user_turn(t, d)))
+        messages.append(ChatMessage("assistant", a))
+    messages.append(ChatMessage("user", _user_turn(template, window)))
+    return GenerationRequest(
+        model=model,
+        messages=tuple(messages),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        stop=("<<<", "\n\n\n"),
+        constraint=("excerpt_copy", window) if constrain else None,
+        assistant_prefix="Instruction:" if constrain else "",
+    )
+
+
+def document_window(text: str, center: int, window_chars: int) -> tuple[int, str]:
+    """The slice of `text` the instantiator reads, centred on `center`, cut at whitespace."""
+    if len(text) <= window_chars:
+        return 0, text
+    start = max(0, min(len(text) - window_chars, center - window_chars // 2))
+    end = start + window_chars
+    if start > 0:
+        ws = text.find(" ", start)
+        start = ws + 1 if 0 <= ws < start + 100 else start
+    if end < len(text):
+        ws = text.rfind(" ", end - 100, end)
+        end = ws if ws > start else end
+    return start, text[start:end]
+
+
+@dataclass
+class Parsed:
+    instruction: str
+    answer: str
+
+
+def parse_output(text: str) -> Parsed | None | str:
+    """Parsed pair, None for a `null` answer, or a string naming why it did not parse."""
+    stripped = re.sub(r"^\s*Instruction:\s*(?=null\b)", "", text.strip(), flags=re.IGNORECASE)
+    if re.fullmatch(r"[`\"']?null[`\"'.]?", stripped.strip(), re.IGNORECASE):
+        return None
+    m = re.search(r"Instruction:\s*(.+?)\s*\n\s*Answer:\s*(.+)", stripped, re.DOTALL | re.IGNORECASE)
+    if not m:
+        return "unparseable"
+    instruction, answer = m.group(1).strip(), m.group(2).strip()
+    if not instruction or not answer:
+        return "unparseable"
+    return Parsed(instruction, answer)
+
+
+def instantiate_results(
+    matches: pd.DataFrame,
+    documents: dict[str, str],
+    window_starts: list[int],
+    results: list[GenerationResult],
+    min_excerpt_ratio: float,
+    max_span_chars: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(matches with template text, results) -> (instruction_pairs, rejections); one status per match."""
+    kept, rejected = [], []
+    for row, start, res in zip(matches.itertuples(index=False), window_starts, results, strict=True):
+        base = {
+            "pair_id": content_id("pair", row.match_id),
+            "match_id": row.match_id,
+            "document_id": row.document_id,
+            "template_id": row.template_id,
+            "corpus": row.corpus,
+            "raw_output": res.text,
+        }
+
+        def reject(status: str, detail: str = "", base: dict = base) -> None:
+            rejected.append(base | {"status": status, "reason": status, "detail": detail})
+
+        if res.error:
+            reject("llm_error", res.error)
+            continue
+        parsed = parse_output(res.text)
+        if parsed is None:
+            reject("null_incompatible")
+            continue
+        if isinstance(parsed, str):
+            reject(parsed)
+            continue
+        if "<fi>" in parsed.instruction or "</fi>" in parsed.instruction:
+            reject("unfilled_template", parsed.instruction)
+            continue
+        if _REFERS.search(parsed.instruction):
+            reject("refers_to_document", parsed.instruction)
+            continue
+        try:
+            exp = expand_answer(parsed.answer, documents[row.document_id], prefer=start, max_span_chars=max_span_chars)
+        except ExcerptError as err:
+            reject(err.reason, err.detail)
+            continue
+        if not exp.spans:
+            reject("no_excerpt")
+            continue
+        if exp.ratio < min_excerpt_ratio:
+            reject("excerpt_ratio_below_min", f"{exp.ratio:.3f} < {min_excerpt_ratio}")
+            continue
+        kept.append(
+            base
+            | {
+                "instruction": parsed.instruction,
+                "answer": exp.text,
+                "excerpt_spans": [list(s) for s in exp.spans],
+                "excerpt_ratio": round(exp.ratio, 4),
+                "status": "ok",
+            }
+        )
+    cols = ["pair_id", "match_id", "document_id", "template_id", "corpus", "instruction", "answer",
+            "excerpt_spans", "excerpt_ratio", "status", "raw_output"]
+    rcols = ["pair_id", "match_id", "document_id", "template_id", "corpus", "raw_output", "status", "reason",
+             "detail"]
+    return pd.DataFrame(kept, columns=cols), pd.DataFrame(rejected, columns=rcols)

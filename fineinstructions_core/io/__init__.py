@@ -1,0 +1,1 @@
+"""Readers for sources and corpora, the Parquet lake and the DuckDB catalog over it."""

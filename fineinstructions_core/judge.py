@@ -1,0 +1,104 @@
+"""Stage 5, the judge: Flow Judge's prompt format with the paper's 1..5 rubric; keep scores >= 4."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from .llm.base import ChatMessage, GenerationRequest, GenerationResult
+
+RUBRIC = """- Score 1: The answer is irrelevant or off-topic: it does not respond to the instruction.
+- Score 2: The answer touches the topic but mostly fails to address the instruction.
+- Score 3: The answer partly addresses the instruction but misses key parts or is confusing.
+- Score 4: The answer addresses the instruction well, with only minor extraneous or vague content.
+- Score 5: The answer fully addresses the instruction without extraneous, vague, or repetitive content."""
+
+PROMPT = """# GOAL
+Your job is to evaluate a task carried out by an AI system powered by a large language model.
+You will be provided with the inputs and output of the task, as well as the evaluation criteria and scoring rubric. Your task is to evaluate the output of the AI system based on the evaluation criteria and scoring rubric provided.
+
+# INPUT
+Below are the inputs required for performing the task:
+<inputs>
+<instruction>
+{instruction}
+</instruction>
+</inputs>
+
+# OUTPUT
+Below is the output of the task:
+<output>
+{answer}
+</output>
+
+# EVALUATION CRITERIA AND SCORING RUBRIC
+Here are the evaluation criteria and the rubric that you need to use for evaluating the task:
+<evaluation_criteria>
+How well does the answer address the instruction, directly and without extraneous, vague, or repetitive content?
+</evaluation_criteria>
+
+<scoring_rubric>
+{rubric}
+</scoring_rubric>
+
+# INSTRUCTIONS FOR THE EVALUATION
+1. Understand the task and criteria: read the instruction, the answer and the rubric.
+2. Write your feedback in one or two sentences inside <feedback></feedback> tags.
+3. Give a score from 1 to 5 inside <score></score> tags.
+
+Please accurately evaluate the task. Strictly adhere to the evaluation criteria and rubric."""
+
+_SCORE = re.compile(r"<score>\s*([1-5])\s*</score>")
+_FEEDBACK = re.compile(r"<feedback>(.*?)</feedback>", re.DOTALL)
+
+
+def build_request(
+    instruction: str, answer: str, model: str, max_new_tokens: int, constrain: bool = True
+) -> GenerationRequest:
+    prompt = PROMPT.format(instruction=instruction, answer=answer, rubric=RUBRIC)
+    return GenerationRequest(
+        model=model,
+        messages=(ChatMessage("user", prompt),),
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        assistant_prefix="<feedback>",
+        constraint=("score", "1", "2", "3", "4", "5") if constrain else None,
+    )
+
+
+def parse_output(text: str) -> tuple[int, str] | None:
+    m = _SCORE.search(text)
+    if not m:
+        return None
+    f = _FEEDBACK.search(text)
+    return int(m.group(1)), (f.group(1).strip() if f else "")
+
+
+def judge_results(
+    pairs: pd.DataFrame, results: list[GenerationResult], min_score: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(instruction_pairs, results) -> (accepted rows, rejected rows); both carry score and feedback."""
+    kept, rejected = [], []
+    for row, res in zip(pairs.to_dict("records"), results, strict=True):
+        row = {k: v for k, v in row.items() if k not in ("raw_output", "status")}
+        if res.error:
+            rejected.append(row | {"score": None, "feedback": "", "reason": "llm_error", "detail": res.error})
+            continue
+        parsed = parse_output(res.text)
+        if parsed is None:
+            rejected.append(row | {"score": None, "feedback": res.text[:500], "reason": "judge_unparseable",
+                                   "detail": ""})
+            continue
+        score, feedback = parsed
+        if score >= min_score:
+            kept.append(row | {"score": score, "feedback": feedback, "accepted": True})
+        else:
+            rejected.append(row | {"score": score, "feedback": feedback, "reason": f"score_below_{min_score}",
+                                   "detail": ""})
+    base = [c for c in pairs.columns if c not in ("raw_output", "status")]
+    out = pd.DataFrame(kept, columns=base + ["score", "feedback", "accepted"])
+    rej = pd.DataFrame(rejected, columns=base + ["score", "feedback", "reason", "detail"])
+    if not rej.empty:
+        rej["score"] = rej["score"].astype("Int64")
+    return out, rej

@@ -1,0 +1,198 @@
+"""Structured decoding as token masks: a small model keeps the protocol because it cannot break it.
+
+`ExcerptCopy`: inside `<excerpt>...</excerpt>` the only tokens allowed are those that continue a
+verbatim copy of the source document's token sequence, or that start the closing tag. The grounding
+rule is then met by construction instead of hoped for; the excerpt expander still verifies every span.
+
+`ScoreChoice`: once the judge closes `</feedback>`, it must write `<score>N</score>` with N one of the
+options, so an answer always carries a parseable score.
+
+Both are state machines over generated token ids, independent of any backend; the transformers
+backend applies them as a logits processor.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class TokenizerLike(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class Constraint(Protocol):
+    def allowed(self) -> list[int] | None:
+        """Token ids allowed next, or None for no restriction."""
+
+    def banned(self) -> list[int]:
+        """Token ids never allowed next (used when `allowed` is None)."""
+
+    def advance(self, token_id: int) -> None: ...
+
+    def force_finish(self) -> None:
+        """The token budget is nearly spent: close whatever structure is open."""
+
+    def reserve(self) -> int:
+        """Tokens to keep in hand for `force_finish`."""
+
+
+class ExcerptCopy:
+    OPEN = "<excerpt>"
+    CLOSE = "</excerpt>"
+    ANSWER = "Answer:"
+
+    def __init__(self, tokenizer: TokenizerLike, source: str, max_excerpt_tokens: int = 64):
+        self.tok = tokenizer
+        self.source_ids = tokenizer.encode(source, add_special_tokens=False)
+        self.close_ids = tokenizer.encode(self.CLOSE, add_special_tokens=False)
+        self.max_excerpt_tokens = max_excerpt_tokens
+        # An excerpt may start on a word without its leading space: map the spaceless variant too.
+        self.starts: dict[int, list[int]] = defaultdict(list)
+        for i, t in enumerate(self.source_ids):
+            self.starts[t].append(i)
+            bare = self._spaceless(t)
+            if bare is not None and bare != t:
+                self.starts[bare].append(i)
+        self.generated: list[int] = []
+        self.inside = False
+        self.positions: list[int] | None = None  # next source index for each live alignment
+        self.copied = 0
+        self.forced: list[int] = []
+        self.after_forced = "close"
+        self.answered = False
+
+    def _spaceless(self, token_id: int) -> int | None:
+        text = self.tok.decode([token_id])
+        if not text.startswith(" ") or len(text) < 2:
+            return None
+        ids = self.tok.encode(text[1:], add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+    def allowed(self) -> list[int] | None:
+        if self.forced:
+            return [self.forced[0]]
+        if not self.inside:
+            return None
+        if self.positions is None:
+            return list(self.starts) + [self.close_ids[0]]
+        nxt = {self.source_ids[p] for p in self.positions if p < len(self.source_ids)}
+        if not nxt or self.copied >= self.max_excerpt_tokens:
+            return [self.close_ids[0]]
+        return list(nxt) + [self.close_ids[0]]
+
+    def advance(self, token_id: int) -> None:
+        self.generated.append(token_id)
+        if self.forced:
+            self.forced.pop(0)
+            if not self.forced:
+                self._enter() if self.after_forced == "open" else self._leave()
+            return
+        if not self.inside:
+            tail = self.tok.decode(self.generated[-8:])
+            if tail.endswith(self.OPEN):
+                self._enter()
+            elif tail.rstrip().endswith(self.ANSWER) and not self.answered:
+                # The answer starts with a quotation; free text may follow it.
+                self.answered = True
+                self.forced = self.tok.encode(" " + self.OPEN if tail.endswith(self.ANSWER) else self.OPEN,
+                                              add_special_tokens=False)
+                self.after_forced = "open"
+            return
+        if token_id == self.close_ids[0] and (self.positions is None or not self._continues(token_id)):
+            self.forced = list(self.close_ids[1:])
+            self.after_forced = "close"
+            if not self.forced:
+                self._leave()
+            return
+        if self.positions is None:
+            self.positions = [p + 1 for p in self.starts.get(token_id, [])]
+        else:
+            self.positions = [p + 1 for p in self.positions if p < len(self.source_ids) and self.source_ids[p] == token_id]
+        self.copied += 1
+
+    def _enter(self) -> None:
+        self.inside, self.positions, self.copied = True, None, 0
+
+    def _leave(self) -> None:
+        self.inside = False
+
+    def banned(self) -> list[int]:
+        return []
+
+    def force_finish(self) -> None:
+        if self.inside and not self.forced:
+            self.forced, self.after_forced = list(self.close_ids), "close"
+
+    def reserve(self) -> int:
+        return len(self.close_ids) + 1
+
+    def _continues(self, token_id: int) -> bool:
+        return any(p < len(self.source_ids) and self.source_ids[p] == token_id for p in self.positions or [])
+
+
+class ScoreChoice:
+    """Free text until `</feedback>`, then forced `<score>`, one option, `</score>`, end of text."""
+
+    def __init__(self, tokenizer: TokenizerLike, options: Sequence[str], eos_id: int):
+        self.tok = tokenizer
+        self.option_ids = [tokenizer.encode(o, add_special_tokens=False)[0] for o in options]
+        self.eos_id = eos_id
+        self.generated: list[int] = []
+        self.forced: list[int] = []
+        self.phase = "free"  # free -> (forced) -> choose -> (forced) -> done
+        self.after_forced = "choose"
+
+    def allowed(self) -> list[int] | None:
+        if self.forced:
+            return [self.forced[0]]
+        if self.phase == "done":
+            return [self.eos_id]
+        if self.phase == "choose":
+            return self.option_ids
+        return None
+
+    def banned(self) -> list[int]:
+        return [self.eos_id] if self.phase == "free" and not self.forced else []
+
+    def advance(self, token_id: int) -> None:
+        self.generated.append(token_id)
+        if self.forced:
+            self.forced.pop(0)
+            if not self.forced:
+                self.phase = self.after_forced
+            return
+        if self.phase == "choose":
+            self._force("</score>", then="done")
+            return
+        if self.phase == "free":
+            tail = self.tok.decode(self.generated[-12:])
+            if tail.endswith("<score>"):
+                self.phase = "choose"
+            elif tail.endswith("</feedback>"):
+                self._force("\n<score>", then="choose")
+
+    def force_finish(self) -> None:
+        """Called when the token budget is nearly spent: close the feedback and ask for the score."""
+        if self.phase == "free" and not self.forced:
+            self._force("</feedback>\n<score>", then="choose")
+
+    def reserve(self) -> int:
+        return 12
+
+    def _force(self, text: str, then: str) -> None:
+        self.forced = self.tok.encode(text, add_special_tokens=False)
+        self.after_forced = then
+
+
+def build_constraint(spec: tuple[str, ...] | None, tokenizer: Any, eos_id: int) -> Constraint | None:
+    if not spec:
+        return None
+    kind, *args = spec
+    if kind == "excerpt_copy":
+        return ExcerptCopy(tokenizer, args[0])
+    if kind == "score":
+        return ScoreChoice(tokenizer, args, eos_id)
+    raise ValueError(f"unknown decoding constraint {kind!r}")

@@ -1,0 +1,189 @@
+"""In-process generation with transformers: batched, CPU or GPU, with structured-decoding constraints."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import GenerationRequest, GenerationResult, ProgressFn
+from .constraints import Constraint, build_constraint
+from .models import resolve_llm
+
+log = logging.getLogger(__name__)
+
+_LOADED: dict[str, tuple[Any, Any]] = {}
+_LOCK = threading.Lock()
+
+
+def _load(path: Path) -> tuple[Any, Any]:
+    """One copy of each model per process, shared by every stage that uses it."""
+    key = str(path)
+    with _LOCK:
+        if key not in _LOADED:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+            model.eval()
+            _LOADED[key] = (tokenizer, model)
+        return _LOADED[key]
+
+
+class _ConstraintProcessor:
+    """A logits processor applying one constraint per batch row."""
+
+    def __init__(self, constraints: list[Constraint | None], prompt_len: int, max_new_tokens: int):
+        self.constraints = constraints
+        self.prompt_len = prompt_len
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        step = input_ids.shape[1] - self.prompt_len
+        for row, c in enumerate(self.constraints):
+            if c is None:
+                continue
+            if step > 0:
+                c.advance(int(input_ids[row, -1]))
+            if self.max_new_tokens - step <= c.reserve():
+                c.force_finish()
+            allowed = c.allowed()
+            if allowed is not None:
+                keep = torch.full_like(scores[row], float("-inf"))
+                idx = torch.tensor(sorted(set(allowed)), dtype=torch.long, device=scores.device)
+                keep[idx] = scores[row, idx]
+                scores[row] = keep
+            else:
+                banned = c.banned()
+                if banned:
+                    scores[row, banned] = float("-inf")
+        return scores
+
+
+class TransformersBackend:
+    def __init__(self, model: str, cache_dir: Path, batch_size: int = 8):
+        self.model_name = model
+        self.path, self._identity = resolve_llm(model, cache_dir)
+        self.batch_size = batch_size
+        self._tokenizer: Any = None
+        self._model: Any = None
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def _ensure(self) -> tuple[Any, Any]:
+        if self._model is None:
+            self._tokenizer, self._model = _load(self.path)
+        return self._tokenizer, self._model
+
+    def render(self, request: GenerationRequest) -> str:
+        tokenizer, _ = self._ensure()
+        messages = request.messages_json()
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return text + request.assistant_prefix
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressFn | None = None
+    ) -> list[GenerationResult]:
+        tokenizer, _ = self._ensure()
+        prompts = [self.render(r) for r in requests]
+        lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        # Similar lengths batch together, so padding wastes little compute.
+        order = sorted(range(len(requests)), key=lambda i: lengths[i])
+        results: list[GenerationResult | None] = [None] * len(requests)
+        done, tokens = 0, 0
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b : b + self.batch_size]
+            groups: dict[tuple, list[int]] = {}
+            for i in idx:
+                r = requests[i]
+                groups.setdefault((r.max_new_tokens, r.temperature, r.seed, r.stop), []).append(i)
+            for group in groups.values():
+                try:
+                    out = self._generate_batch([requests[i] for i in group], [prompts[i] for i in group])
+                except Exception as exc:  # one bad batch must not lose the others
+                    log.exception("generation failed for a batch of %d", len(group))
+                    out = [GenerationResult("", error=f"{type(exc).__name__}: {exc}") for _ in group]
+                for i, r in zip(group, out, strict=True):
+                    results[i] = r
+                    tokens += r.completion_tokens
+            done += len(idx)
+            if progress:
+                progress(done, len(requests), tokens)
+        return [r for r in results if r is not None]
+
+    def _generate_batch(self, requests: list[GenerationRequest], prompts: list[str]) -> list[GenerationResult]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        tokenizer, model = self._ensure()
+        first = requests[0]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        prompt_len = enc.input_ids.shape[1]
+        constraints = [build_constraint(r.constraint, tokenizer, tokenizer.eos_token_id) for r in requests]
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": first.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if first.temperature > 0:
+            torch.manual_seed(first.seed)
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=0.95)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if first.stop:
+            kwargs.update(stop_strings=list(first.stop), tokenizer=tokenizer)
+        if any(c is not None for c in constraints):
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_ConstraintProcessor(constraints, prompt_len, first.max_new_tokens)]
+            )
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, **kwargs)
+        log.debug("batch of %d in %.1fs", len(requests), time.perf_counter() - start)
+        results = []
+        for row, req in enumerate(requests):
+            gen = out[row, prompt_len:].tolist()
+            n = 0
+            while n < len(gen) and gen[n] not in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+                n += 1
+            text = tokenizer.decode(gen[:n], skip_special_tokens=True)
+            text = _cut_at_stop(text, req.stop)
+            results.append(
+                GenerationResult(
+                    text=req.assistant_prefix + text,
+                    prompt_tokens=int(enc.attention_mask[row].sum()),
+                    completion_tokens=min(n + 1, len(gen)),
+                )
+            )
+        return results
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stops:
+        pos = text.find(s)
+        if pos != -1:
+            cut = min(cut, pos)
+    return text[:cut]
+
+
+def make_backend(backend: str, model: str, cache_dir: Path, batch_size: int) -> TransformersBackend:
+    if backend == "transformers":
+        return TransformersBackend(model, cache_dir, batch_size=batch_size)
+    raise ValueError(f"unknown LLM backend {backend!r} (available: transformers)")

@@ -1,0 +1,101 @@
+"""What is stale: content signatures so a rerun recomputes only partitions whose inputs changed.
+
+A partition's signature hashes the config sections and code of its stage with the bytes of its inputs
+(upstream lake files or source files). It is stored in the partition's accounting record; a partition
+whose stored signature equals the current one is fresh and is skipped by `fineinstructions run`.
+Because upstream outputs are hashed by content, a rerun that reproduces the same upstream bytes (the
+request cache makes LLM stages reproducible) leaves everything downstream fresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from pathlib import Path
+
+from . import budget, embed, excerpts, genericize, index, instantiate, judge, match, queries, templates
+from .config import Config
+from .io import readers
+from .io.lake import UNPARTITIONED, Lake
+from .shards import get_shard
+
+QUERY_CHAIN = ["raw_queries", "query_set", "template_bank"]
+SHARD_CHAIN = ["documents", "document_index", "template_matches", "instruction_pairs", "judged_corpus"]
+
+_CONFIG = {
+    "raw_queries": ("query_sources", "scale", "demo"),
+    "query_set": ("query_filters",),
+    "template_bank": ("model_profile", "model_profiles", "genericize"),
+    "template_index": ("matching", "model_profile", "model_profiles"),
+    "documents": ("corpora", "max_document_chars"),
+    "document_index": ("matching", "model_profile", "model_profiles"),
+    "template_matches": ("matching",),
+    "instruction_pairs": ("instantiation", "model_profile", "model_profiles"),
+    "judged_corpus": ("judge", "model_profile", "model_profiles"),
+    "training_corpus": ("training",),
+}
+_CODE = {
+    "raw_queries": (readers,),
+    "query_set": (queries,),
+    "template_bank": (genericize, templates),
+    "template_index": (embed, index),
+    "documents": (readers,),
+    "document_index": (embed,),
+    "template_matches": (match, index),
+    "instruction_pairs": (instantiate, excerpts),
+    "judged_corpus": (judge,),
+    "training_corpus": (budget,),
+}
+UPSTREAM = {
+    "query_set": "raw_queries",
+    "template_bank": "query_set",
+    "document_index": "documents",
+    "instruction_pairs": "template_matches",
+    "judged_corpus": "instruction_pairs",
+}
+
+
+def _file_hash(path: Path, h: hashlib._Hash) -> None:
+    h.update(str(path.name).encode())
+    if not path.exists():
+        h.update(b"<missing>")
+        return
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def signature(cfg: Config, asset: str, partition: str, sources: list[str], shards: list[str]) -> str:
+    lake = Lake(cfg.lake_dir)
+    h = hashlib.sha256()
+    h.update(asset.encode())
+    h.update(cfg.stage_fingerprint(*_CONFIG[asset]).encode())
+    for mod in _CODE[asset]:
+        h.update(inspect.getsource(mod).encode())
+    if asset == "raw_queries":
+        for f in cfg.source(partition).files(cfg.root):
+            _file_hash(f, h)
+    elif asset == "documents":
+        shard = get_shard(cfg, partition)
+        for seg in shard.segments:
+            h.update(f"{seg.file}:{seg.start}:{seg.stop}".encode())
+            _file_hash(cfg.root / seg.file, h)
+    elif asset == "template_index":
+        for s in sorted(sources):
+            _file_hash(lake.path("template_bank", s), h)
+    elif asset == "template_matches":
+        _file_hash(lake.path("document_index", partition), h)
+        _file_hash(lake.path("template_index", UNPARTITIONED), h)
+        _file_hash(cfg.lake_dir / "template_index" / "index.faiss", h)
+    elif asset == "training_corpus":
+        for s in sorted(shards):
+            _file_hash(lake.path("judged_corpus", s), h)
+    else:
+        _file_hash(lake.path(UPSTREAM[asset], partition), h)
+    return h.hexdigest()[:24]
+
+
+def is_fresh(cfg: Config, asset: str, partition: str, sig: str) -> bool:
+    lake = Lake(cfg.lake_dir)
+    acc = lake.read_accounting(asset, partition)
+    return bool(acc and lake.exists(asset, partition) and (acc.get("extra") or {}).get("signature") == sig)
