@@ -5,7 +5,6 @@ row counts, the stage funnel, a preview and its checks. Checks are emitted from 
 the blocking ones (ids, schema, accounting) fail the step and stop downstream work.
 """
 
-
 from typing import Any
 
 import pandas as pd
@@ -45,13 +44,22 @@ CONTRACTS: dict[str, tuple[str, list[str], float]] = {
 def check_specs(name: str) -> list[AssetCheckSpec]:
     key = AssetKey(name)
     return [
-        AssetCheckSpec("ids_unique_not_null", asset=key, blocking=True,
-                       description="Every row has a non-null, unique id."),
+        AssetCheckSpec(
+            "ids_unique_not_null", asset=key, blocking=True, description="Every row has a non-null, unique id."
+        ),
         AssetCheckSpec("schema", asset=key, blocking=True, description="The required columns are present."),
-        AssetCheckSpec("accounting", asset=key, blocking=True,
-                       description="Rows in = rows out + rows rejected (every reject kept with a reason)."),
-        AssetCheckSpec("yield", asset=key, blocking=False,
-                       description="Share of input rows that came out; a warning below the stage's floor."),
+        AssetCheckSpec(
+            "accounting",
+            asset=key,
+            blocking=True,
+            description="Rows in = rows out + rows rejected (every reject kept with a reason).",
+        ),
+        AssetCheckSpec(
+            "yield",
+            asset=key,
+            blocking=False,
+            description="Share of input rows that came out; a warning below the stage's floor.",
+        ),
     ]
 
 
@@ -63,16 +71,32 @@ def _checks(name: str, result: StageResult) -> list[AssetCheckResult]:
     nulls, dups = int(ids.isna().sum()), int(ids.duplicated().sum())
     share = acc.rows_out / acc.rows_in if acc.rows_in else 1.0
     return [
-        AssetCheckResult(check_name="ids_unique_not_null", passed=nulls == 0 and dups == 0 and id_col in out.columns,
-                         metadata={"null_ids": nulls, "duplicate_ids": dups}),
-        AssetCheckResult(check_name="schema", passed=not missing,
-                         metadata={"missing_columns": ", ".join(missing) or "none",
-                                   "columns": ", ".join(map(str, out.columns))}),
-        AssetCheckResult(check_name="accounting", passed=acc.balanced,
-                         metadata={"unit": acc.unit, "rows_in": acc.rows_in, "rows_out": acc.rows_out,
-                                   "rows_rejected": acc.rows_rejected}),
-        AssetCheckResult(check_name="yield", passed=share >= floor, severity=AssetCheckSeverity.WARN,
-                         metadata={"yield": round(share, 4), "floor": floor}),
+        AssetCheckResult(
+            check_name="ids_unique_not_null",
+            passed=nulls == 0 and dups == 0 and id_col in out.columns,
+            metadata={"null_ids": nulls, "duplicate_ids": dups},
+        ),
+        AssetCheckResult(
+            check_name="schema",
+            passed=not missing,
+            metadata={"missing_columns": ", ".join(missing) or "none", "columns": ", ".join(map(str, out.columns))},
+        ),
+        AssetCheckResult(
+            check_name="accounting",
+            passed=acc.balanced,
+            metadata={
+                "unit": acc.unit,
+                "rows_in": acc.rows_in,
+                "rows_out": acc.rows_out,
+                "rows_rejected": acc.rows_rejected,
+            },
+        ),
+        AssetCheckResult(
+            check_name="yield",
+            passed=share >= floor,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"yield": round(share, 4), "floor": floor},
+        ),
     ]
 
 
@@ -86,7 +110,9 @@ def _preview(df: pd.DataFrame, n: int = 8) -> str:
     return view.to_markdown(index=False)
 
 
-def _report(context: AssetExecutionContext, name: str, result: StageResult, fi: FineInstructionsResource) -> MaterializeResult:
+def _report(
+    context: AssetExecutionContext, name: str, result: StageResult, fi: FineInstructionsResource
+) -> MaterializeResult:
     cfg = fi.load()
     refresh_catalog(cfg.catalog_path, cfg.lake_dir)
     acc = result.accounting
@@ -127,36 +153,105 @@ def _run(context: AssetExecutionContext, name: str, fi: FineInstructionsResource
 
 
 def _partitioned(name: str, partitions_def, deps: list[str], group: str, description: str, pool: str | None = None):
-    @asset(name=name, partitions_def=partitions_def, deps=deps, group_name=group, check_specs=check_specs(name),
-           description=description, pool=pool, kinds={"parquet", "python"})
+    @asset(
+        name=name,
+        partitions_def=partitions_def,
+        deps=deps,
+        group_name=group,
+        check_specs=check_specs(name),
+        description=description,
+        pool=pool,
+        kinds={"parquet", "python"},
+    )
     def _asset(context: AssetExecutionContext, fi: FineInstructionsResource) -> MaterializeResult:
         return _run(context, name, fi)
 
     return _asset
 
 
-raw_queries = _partitioned("raw_queries", query_sources, [], "queries",
-                           "Queries read from one source in its own format; unreadable records kept as rejections.")
-query_set = _partitioned("query_set", query_sources, ["raw_queries"], "queries",
-                         "Normalized, deduplicated, length-bounded, unsafe-filtered, decontaminated queries.")
-template_bank = _partitioned("template_bank", query_sources, ["query_set"], "queries",
-                             "LLM-genericized templates with <fi> tags and compatible document descriptions.",
-                             pool="llm")
-template_index = _partitioned("template_index", None, ["template_bank"], "matching",
-                              "Description embeddings of every valid template and a FAISS index over them.")
-documents = _partitioned("documents", corpus_shards, [], "corpus",
-                         "One shard of a corpus; unreadable, empty or oversized documents kept as rejections.")
-document_index = _partitioned("document_index", corpus_shards, ["documents"], "corpus",
-                              "K+1 Gaussian-pooled vectors per document over its whole token sequence.")
-template_matches = _partitioned("template_matches", corpus_shards, ["document_index", "template_index"], "matching",
-                                "Up to 6 complexity-weighted templates per document above the similarity threshold.")
-instruction_pairs = _partitioned("instruction_pairs", corpus_shards, ["template_matches"], "generation",
-                                 "Instantiated instruction/answer pairs with excerpts expanded against the document.",
-                                 pool="llm")
-judged_corpus = _partitioned("judged_corpus", corpus_shards, ["instruction_pairs"], "generation",
-                             "Pairs the judge scored >= 4 (Flow Judge format, 1..5 rubric).", pool="llm")
-training_corpus = _partitioned("training_corpus", None, ["judged_corpus"], "training",
-                               "Token-budgeted 'Instruction: ...\\n\\nAnswer: ...' texts, exported as Parquet and JSONL.")
+raw_queries = _partitioned(
+    "raw_queries",
+    query_sources,
+    [],
+    "queries",
+    "Queries read from one source in its own format; unreadable records kept as rejections.",
+)
+query_set = _partitioned(
+    "query_set",
+    query_sources,
+    ["raw_queries"],
+    "queries",
+    "Normalized, deduplicated, length-bounded, unsafe-filtered, decontaminated queries.",
+)
+template_bank = _partitioned(
+    "template_bank",
+    query_sources,
+    ["query_set"],
+    "queries",
+    "LLM-genericized templates with <fi> tags and compatible document descriptions.",
+    pool="llm",
+)
+template_index = _partitioned(
+    "template_index",
+    None,
+    ["template_bank"],
+    "matching",
+    "Description embeddings of every valid template and a FAISS index over them.",
+)
+documents = _partitioned(
+    "documents",
+    corpus_shards,
+    [],
+    "corpus",
+    "One shard of a corpus; unreadable, empty or oversized documents kept as rejections.",
+)
+document_index = _partitioned(
+    "document_index",
+    corpus_shards,
+    ["documents"],
+    "corpus",
+    "K+1 Gaussian-pooled vectors per document over its whole token sequence.",
+)
+template_matches = _partitioned(
+    "template_matches",
+    corpus_shards,
+    ["document_index", "template_index"],
+    "matching",
+    "Up to 6 complexity-weighted templates per document above the similarity threshold.",
+)
+instruction_pairs = _partitioned(
+    "instruction_pairs",
+    corpus_shards,
+    ["template_matches"],
+    "generation",
+    "Instantiated instruction/answer pairs with excerpts expanded against the document.",
+    pool="llm",
+)
+judged_corpus = _partitioned(
+    "judged_corpus",
+    corpus_shards,
+    ["instruction_pairs"],
+    "generation",
+    "Pairs the judge scored >= 4 (Flow Judge format, 1..5 rubric).",
+    pool="llm",
+)
+training_corpus = _partitioned(
+    "training_corpus",
+    None,
+    ["judged_corpus"],
+    "training",
+    "Token-budgeted 'Instruction: ...\\n\\nAnswer: ...' texts, exported as Parquet and JSONL.",
+)
 
-ALL_ASSETS = [raw_queries, query_set, template_bank, template_index, documents, document_index, template_matches,
-              instruction_pairs, judged_corpus, training_corpus]
+ALL_ASSETS = [
+    raw_queries,
+    query_set,
+    template_bank,
+    template_index,
+    documents,
+    document_index,
+    template_matches,
+    instruction_pairs,
+    judged_corpus,
+    training_corpus,
+]

@@ -5,18 +5,18 @@ from __future__ import annotations
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from .assets import ALL_ASSETS
-from .partitions import corpus_shards, query_sources
 from .resources import FineInstructionsResource
 from .sensors import partition_registration_sensor
 
 query_source_job = define_asset_job(
-    "query_source_job", AssetSelection.assets("raw_queries", "query_set", "template_bank"),
-    partitions_def=query_sources, description="One query source: read, filter, genericize.",
+    "query_source_job",
+    AssetSelection.assets("raw_queries", "query_set", "template_bank"),
+    description="One query source: read, filter, genericize.",
 )
 corpus_shard_job = define_asset_job(
     "corpus_shard_job",
     AssetSelection.assets("documents", "document_index", "template_matches", "instruction_pairs", "judged_corpus"),
-    partitions_def=corpus_shards, description="One corpus shard: read, embed, match, instantiate, judge.",
+    description="One corpus shard: read, embed, match, instantiate, judge.",
 )
 
 defs = Definitions(

@@ -1,6 +1,5 @@
 """The project config as a Dagster resource, so a run can point at another config or override fields."""
 
-
 import json
 
 from dagster import ConfigurableResource

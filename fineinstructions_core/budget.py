@@ -26,9 +26,10 @@ def apply_budget(
     budget_ratio: float = 1.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """pairs (judged, accepted) -> (training rows with text and tokens, rejections `over_budget`)."""
-    if pairs.empty:
-        return pairs.assign(text=[], tokens=[]), pairs.assign(reason=[], detail=[])
     pairs = pairs.copy()
+    if pairs.empty:
+        pairs = pd.DataFrame(columns=[*pairs.columns, "text", "tokens"])
+        return pairs, pd.DataFrame(columns=[*pairs.columns, "reason", "detail"])
     pairs["text"] = [format_pair(i, a) for i, a in zip(pairs["instruction"], pairs["answer"], strict=True)]
     pairs["tokens"] = [count_tokens(t) for t in pairs["text"]]
     kept, rejected = [], []

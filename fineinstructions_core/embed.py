@@ -140,7 +140,10 @@ class Embedder:
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
-                list(texts[i : i + self.batch_size]), padding=True, truncation=True, max_length=self.window,
+                list(texts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.window,
                 return_tensors="pt",
             )
             with torch.inference_mode():

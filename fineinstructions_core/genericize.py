@@ -54,13 +54,18 @@ def build_request(query: str, model: str, max_new_tokens: int, temperature: floa
         messages.append(ChatMessage("assistant", f"Template: {t}\nDocument: {d}"))
     messages.append(ChatMessage("user", f"Query: {query}"))
     return GenerationRequest(
-        model=model, messages=tuple(messages), max_new_tokens=max_new_tokens, temperature=temperature,
+        model=model,
+        messages=tuple(messages),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
         stop=("\n\n", "Query:"),
     )
 
 
 _TEMPLATE_LINE = re.compile(r"^\s*template\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
-_DOC_LINE = re.compile(r"^\s*(?:document|compatible[_ ]document[_ ]description)\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+_DOC_LINE = re.compile(
+    r"^\s*(?:document|compatible[_ ]document[_ ]description)\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE
+)
 
 
 def parse_output(text: str) -> tuple[str, str] | None:
@@ -79,9 +84,7 @@ def parse_output(text: str) -> tuple[str, str] | None:
     return t.group(1).strip(), (d.group(1).strip() if d else "")
 
 
-def genericize_results(
-    queries: pd.DataFrame, results: list[GenerationResult]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def genericize_results(queries: pd.DataFrame, results: list[GenerationResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(query_set rows, LLM results in the same order) -> (template_bank, rejections)."""
     kept, rejected = [], []
     for row, res in zip(queries.itertuples(index=False), results, strict=True):

@@ -169,8 +169,18 @@ def instantiate_results(
                 "status": "ok",
             }
         )
-    cols = ["pair_id", "match_id", "document_id", "template_id", "corpus", "instruction", "answer",
-            "excerpt_spans", "excerpt_ratio", "status", "raw_output"]
-    rcols = ["pair_id", "match_id", "document_id", "template_id", "corpus", "raw_output", "status", "reason",
-             "detail"]
+    cols = [
+        "pair_id",
+        "match_id",
+        "document_id",
+        "template_id",
+        "corpus",
+        "instruction",
+        "answer",
+        "excerpt_spans",
+        "excerpt_ratio",
+        "status",
+        "raw_output",
+    ]
+    rcols = ["pair_id", "match_id", "document_id", "template_id", "corpus", "raw_output", "status", "reason", "detail"]
     return pd.DataFrame(kept, columns=cols), pd.DataFrame(rejected, columns=rcols)

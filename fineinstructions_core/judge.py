@@ -16,7 +16,9 @@ RUBRIC = """- Score 1: The answer is irrelevant or off-topic: it does not respon
 
 PROMPT = """# GOAL
 Your job is to evaluate a task carried out by an AI system powered by a large language model.
-You will be provided with the inputs and output of the task, as well as the evaluation criteria and scoring rubric. Your task is to evaluate the output of the AI system based on the evaluation criteria and scoring rubric provided.
+You will be provided with the inputs and output of the task, as well as the evaluation criteria and scoring
+rubric. Your task is to evaluate the output of the AI system based on the evaluation criteria and scoring
+rubric provided.
 
 # INPUT
 Below are the inputs required for performing the task:
@@ -56,10 +58,10 @@ _FEEDBACK = re.compile(r"<feedback>(.*?)</feedback>", re.DOTALL)
 def build_request(
     instruction: str, answer: str, model: str, max_new_tokens: int, constrain: bool = True
 ) -> GenerationRequest:
-    prompt = PROMPT.format(instruction=instruction, answer=answer, rubric=RUBRIC)
+    messages = [ChatMessage("user", PROMPT.format(instruction=instruction, answer=answer, rubric=RUBRIC))]
     return GenerationRequest(
         model=model,
-        messages=(ChatMessage("user", prompt),),
+        messages=tuple(messages),
         max_new_tokens=max_new_tokens,
         temperature=0.0,
         assistant_prefix="<feedback>",
@@ -87,15 +89,17 @@ def judge_results(
             continue
         parsed = parse_output(res.text)
         if parsed is None:
-            rejected.append(row | {"score": None, "feedback": res.text[:500], "reason": "judge_unparseable",
-                                   "detail": ""})
+            rejected.append(
+                row | {"score": None, "feedback": res.text[:500], "reason": "judge_unparseable", "detail": ""}
+            )
             continue
         score, feedback = parsed
         if score >= min_score:
             kept.append(row | {"score": score, "feedback": feedback, "accepted": True})
         else:
-            rejected.append(row | {"score": score, "feedback": feedback, "reason": f"score_below_{min_score}",
-                                   "detail": ""})
+            rejected.append(
+                row | {"score": score, "feedback": feedback, "reason": f"score_below_{min_score}", "detail": ""}
+            )
     base = [c for c in pairs.columns if c not in ("raw_output", "status")]
     out = pd.DataFrame(kept, columns=base + ["score", "feedback", "accepted"])
     rej = pd.DataFrame(rejected, columns=base + ["score", "feedback", "reason", "detail"])

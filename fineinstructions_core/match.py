@@ -53,7 +53,11 @@ def sample_templates(
     for v in range(sims.shape[0]):
         if len(chosen) >= max_templates:
             break
-        cand = [(int(i), float(s)) for i, s in zip(ids[v], sims[v], strict=True) if i >= 0 and s >= threshold and int(i) not in taken]
+        cand = [
+            (int(i), float(s))
+            for i, s in zip(ids[v], sims[v], strict=True)
+            if i >= 0 and s >= threshold and int(i) not in taken
+        ]
         if not cand:
             continue
         w = np.array([weights.get(int(complexity[i]), 1.0) for i, _ in cand], dtype=np.float64)
@@ -81,29 +85,46 @@ def match_documents(
     complexity = templates["complexity"].to_numpy()
     rows, rejected = [], []
     for d, doc in enumerate(doc_index.itertuples(index=False)):
-        chosen = sample_templates(sims[d], ids[d], complexity, weights, threshold, max_templates,
-                                  _rng(seed, doc.document_id))
+        chosen = sample_templates(
+            sims[d], ids[d], complexity, weights, threshold, max_templates, _rng(seed, doc.document_id)
+        )
         if not chosen:
             best = float(sims[d].max()) if sims[d].size else float("nan")
-            rejected.append({"document_id": doc.document_id, "corpus": doc.corpus,
-                             "reason": "no_template_above_threshold",
-                             "detail": f"best cosine {best:.3f} < {threshold}"})
+            rejected.append(
+                {
+                    "document_id": doc.document_id,
+                    "corpus": doc.corpus,
+                    "reason": "no_template_above_threshold",
+                    "detail": f"best cosine {best:.3f} < {threshold}",
+                }
+            )
             continue
         for rank, (v, row, sim) in enumerate(chosen):
             t = templates.iloc[row]
-            rows.append({
-                "match_id": content_id("match", doc.document_id, t.template_id),
-                "document_id": doc.document_id,
-                "corpus": doc.corpus,
-                "template_id": t.template_id,
-                "chunk": v,
-                "chunk_char_center": int(doc.chunk_char_centers[v]),
-                "similarity": round(sim, 5),
-                "rank": rank,
-                "complexity": int(t.complexity),
-            })
-    cols = ["match_id", "document_id", "corpus", "template_id", "chunk", "chunk_char_center", "similarity",
-            "rank", "complexity"]
+            rows.append(
+                {
+                    "match_id": content_id("match", doc.document_id, t.template_id),
+                    "document_id": doc.document_id,
+                    "corpus": doc.corpus,
+                    "template_id": t.template_id,
+                    "chunk": v,
+                    "chunk_char_center": int(doc.chunk_char_centers[v]),
+                    "similarity": round(sim, 5),
+                    "rank": rank,
+                    "complexity": int(t.complexity),
+                }
+            )
+    cols = [
+        "match_id",
+        "document_id",
+        "corpus",
+        "template_id",
+        "chunk",
+        "chunk_char_center",
+        "similarity",
+        "rank",
+        "complexity",
+    ]
     return pd.DataFrame(rows, columns=cols), pd.DataFrame(
         rejected, columns=["document_id", "corpus", "reason", "detail"]
     )

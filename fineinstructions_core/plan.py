@@ -17,6 +17,7 @@ from . import budget, embed, excerpts, genericize, index, instantiate, judge, ma
 from .config import Config
 from .io import readers
 from .io.lake import UNPARTITIONED, Lake
+from .llm import constraints
 from .shards import get_shard
 
 QUERY_CHAIN = ["raw_queries", "query_set", "template_bank"]
@@ -37,13 +38,13 @@ _CONFIG = {
 _CODE = {
     "raw_queries": (readers,),
     "query_set": (queries,),
-    "template_bank": (genericize, templates),
+    "template_bank": (genericize, templates, constraints),
     "template_index": (embed, index),
     "documents": (readers,),
     "document_index": (embed,),
     "template_matches": (match, index),
-    "instruction_pairs": (instantiate, excerpts),
-    "judged_corpus": (judge,),
+    "instruction_pairs": (instantiate, excerpts, constraints),
+    "judged_corpus": (judge, constraints),
     "training_corpus": (budget,),
 }
 UPSTREAM = {

@@ -37,9 +37,12 @@ def load_unsafe_patterns(path: str | Path | None = None) -> list[re.Pattern[str]
     if path:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     else:
-        lines = resources.files("fineinstructions_core").joinpath("resources/unsafe_patterns.txt").read_text(
-            encoding="utf-8"
-        ).splitlines()
+        lines = (
+            resources.files("fineinstructions_core")
+            .joinpath("resources/unsafe_patterns.txt")
+            .read_text(encoding="utf-8")
+            .splitlines()
+        )
     return [re.compile(line, re.IGNORECASE) for line in lines if line.strip() and not line.startswith("#")]
 
 
@@ -119,11 +122,24 @@ def build_query_set(
                 else:
                     seen[key] = row.query_id
         if reason:
-            rejected.append({"query_id": row.query_id, "source": row.source, "text": row.text[:500],
-                             "reason": reason, "detail": detail})
+            rejected.append(
+                {
+                    "query_id": row.query_id,
+                    "source": row.source,
+                    "text": row.text[:500],
+                    "reason": reason,
+                    "detail": detail,
+                }
+            )
         else:
-            kept.append({"query_id": row.query_id, "source": row.source, "query": query,
-                         "query_key": content_id("qk", dedup_key(query))})
+            kept.append(
+                {
+                    "query_id": row.query_id,
+                    "source": row.source,
+                    "query": query,
+                    "query_key": content_id("qk", dedup_key(query)),
+                }
+            )
     cols_out = ["query_id", "source", "query", "query_key"]
     cols_rej = ["query_id", "source", "text", "reason", "detail"]
     return pd.DataFrame(kept, columns=cols_out), pd.DataFrame(rejected, columns=cols_rej)

@@ -45,15 +45,27 @@ class StageResult:
 
 
 def _finish(
-    cfg: Config, asset: str, partition: str, out: pd.DataFrame, rej: pd.DataFrame, rows_in: int, unit: str,
-    llm: LLMStats | None = None, rows_out: int | None = None, **extra: Any,
+    cfg: Config,
+    asset: str,
+    partition: str,
+    out: pd.DataFrame,
+    rej: pd.DataFrame,
+    rows_in: int,
+    unit: str,
+    llm: LLMStats | None = None,
+    rows_out: int | None = None,
+    **extra: Any,
 ) -> StageResult:
     lake = Lake(cfg.lake_dir)
     lake.write(asset, partition, out)
     lake.write_rejections(asset, partition, rej)
     acc = Accounting(
-        asset=asset, partition=partition, unit=unit, rows_in=int(rows_in),
-        rows_out=int(len(out) if rows_out is None else rows_out), rejected=rejection_counts(rej),
+        asset=asset,
+        partition=partition,
+        unit=unit,
+        rows_in=int(rows_in),
+        rows_out=int(len(out) if rows_out is None else rows_out),
+        rejected=rejection_counts(rej),
         extra={"llm": llm.as_dict() if llm else None, **extra},
     )
     lake.write_accounting(acc)
@@ -88,7 +100,9 @@ class ProgressReporter:
         self.logger(f"{self.label}: {done}/{total} requests, {tokens} new tokens, {rate:.1f} tok/s, ETA {eta:.0f}s")
 
 
-def _run_llm(cfg: Config, stage: str, requests: list[GenerationRequest], logger: Logger) -> tuple[list[GenerationResult], LLMStats]:
+def _run_llm(
+    cfg: Config, stage: str, requests: list[GenerationRequest], logger: Logger
+) -> tuple[list[GenerationResult], LLMStats]:
     llm = llm_for(cfg, stage)
     results = llm.generate(requests, progress=ProgressReporter(stage, logger))
     return results, llm.stats
@@ -102,11 +116,26 @@ def raw_queries(cfg: Config, source_name: str, logger: Logger = log.info) -> Sta
     rows, rejected = [], []
     for item in read_query_source(source, cfg.root, limit=cfg.limit("queries_per_source")):
         if isinstance(item, Rejected):
-            rejected.append({"source": source.name, "file": item.file, "record": item.index, "reason": item.reason,
-                             "detail": item.detail, "snippet": item.snippet})
+            rejected.append(
+                {
+                    "source": source.name,
+                    "file": item.file,
+                    "record": item.index,
+                    "reason": item.reason,
+                    "detail": item.detail,
+                    "snippet": item.snippet,
+                }
+            )
         else:
-            rows.append({"query_id": content_id("q", source.name, item.file, item.index, item.text),
-                         "source": source.name, "file": item.file, "record": item.index, "text": item.text})
+            rows.append(
+                {
+                    "query_id": content_id("q", source.name, item.file, item.index, item.text),
+                    "source": source.name,
+                    "file": item.file,
+                    "record": item.index,
+                    "text": item.text,
+                }
+            )
     out = pd.DataFrame(rows, columns=["query_id", "source", "file", "record", "text"])
     rej = pd.DataFrame(rejected, columns=["source", "file", "record", "reason", "detail", "snippet"])
     return _finish(cfg, "raw_queries", source_name, out, rej, len(rows) + len(rejected), "records")
@@ -118,7 +147,10 @@ def query_set(cfg: Config, source_name: str, logger: Logger = log.info) -> Stage
     eval_paths = [cfg.root / p for p in f.get("eval_sets", [])]
     deco = Decontaminator(load_eval_questions(eval_paths), n=int(f.get("ngram", 8))) if eval_paths else None
     out, rej = build_query_set(
-        raw, int(f.get("min_chars", 8)), int(f.get("max_chars", 1000)), load_unsafe_patterns(f.get("unsafe_patterns")),
+        raw,
+        int(f.get("min_chars", 8)),
+        int(f.get("max_chars", 1000)),
+        load_unsafe_patterns(f.get("unsafe_patterns")),
         deco,
     )
     return _finish(cfg, "query_set", source_name, out, rej, len(raw), "queries")
@@ -150,9 +182,18 @@ def template_index(cfg: Config, sources: list[str], logger: Logger = log.info) -
     index = build_index(vectors, int(m.get("exact_below", 100_000)), m.get("index_factory"), int(m.get("nprobe", 32)))
     save_index(index, cfg.lake_dir / "template_index" / "index.faiss")
     bank = bank.assign(index_row=np.arange(len(bank)))
-    return _finish(cfg, "template_index", UNPARTITIONED, bank, rej[["template_id", "source", "reason", "detail"]],
-                   len(bank) + len(rej), "templates", index_type=type(index).__name__, dim=int(vectors.shape[1]),
-                   embedder=embedder.identity)
+    return _finish(
+        cfg,
+        "template_index",
+        UNPARTITIONED,
+        bank,
+        rej[["template_id", "source", "reason", "detail"]],
+        len(bank) + len(rej),
+        "templates",
+        index_type=type(index).__name__,
+        dim=int(vectors.shape[1]),
+        embedder=embedder.identity,
+    )
 
 
 # --------------------------------------------------------------------------------------- documents
@@ -166,21 +207,44 @@ def documents(cfg: Config, shard_key: str, logger: Logger = log.info) -> StageRe
     for seg in shard.segments:
         for item in read_corpus_records(corpus, cfg.root / seg.file, cfg.root, seg.start, seg.stop, max_chars):
             if isinstance(item, Rejected):
-                rejected.append({"corpus": corpus.name, "shard": shard_key, "file": item.file, "record": item.index,
-                                 "reason": item.reason, "detail": item.detail, "snippet": item.snippet})
+                rejected.append(
+                    {
+                        "corpus": corpus.name,
+                        "shard": shard_key,
+                        "file": item.file,
+                        "record": item.index,
+                        "reason": item.reason,
+                        "detail": item.detail,
+                        "snippet": item.snippet,
+                    }
+                )
             else:
                 assert isinstance(item, Record)
-                rows.append({
-                    "document_id": content_id("doc", corpus.name, item.key or f"{item.file}#{item.index}", item.text),
-                    "corpus": corpus.name, "shard": shard_key, "file": item.file, "record": item.index,
-                    "doc_key": item.key, "title": item.title, "text": item.text, "n_chars": len(item.text),
-                })
-    out = pd.DataFrame(rows, columns=["document_id", "corpus", "shard", "file", "record", "doc_key", "title", "text",
-                                      "n_chars"])
+                rows.append(
+                    {
+                        "document_id": content_id(
+                            "doc", corpus.name, item.key or f"{item.file}#{item.index}", item.text
+                        ),
+                        "corpus": corpus.name,
+                        "shard": shard_key,
+                        "file": item.file,
+                        "record": item.index,
+                        "doc_key": item.key,
+                        "title": item.title,
+                        "text": item.text,
+                        "n_chars": len(item.text),
+                    }
+                )
+    out = pd.DataFrame(
+        rows, columns=["document_id", "corpus", "shard", "file", "record", "doc_key", "title", "text", "n_chars"]
+    )
     dup = out.duplicated("document_id")
     if dup.any():
-        extra = out[dup].assign(reason="duplicate_document", detail="identical key and text earlier in the shard",
-                                snippet=lambda d: d["text"].str[:200])
+        extra = out[dup].assign(
+            reason="duplicate_document",
+            detail="identical key and text earlier in the shard",
+            snippet=lambda d: d["text"].str[:200],
+        )
         rejected.extend(extra[["corpus", "shard", "file", "record", "reason", "detail", "snippet"]].to_dict("records"))
         out = out[~dup]
     rej = pd.DataFrame(rejected, columns=["corpus", "shard", "file", "record", "reason", "detail", "snippet"])
@@ -200,17 +264,31 @@ def document_index(cfg: Config, shard_key: str, logger: Logger = log.info) -> St
             logger(f"document_index[{shard_key}]: {done}/{total} windows embedded")
 
     pooled = embedder.embed_documents(list(docs["text"]), K, sigma, alpha, progress=progress)
-    out = pd.DataFrame({
-        "document_id": docs["document_id"].to_numpy(),
-        "corpus": docs["corpus"].to_numpy(),
-        "n_tokens": [p.n_tokens for p in pooled],
-        "n_windows": [p.n_windows for p in pooled],
-        "chunk_char_centers": [p.chunk_char_centers for p in pooled],
-        "vectors": [p.vectors.tolist() for p in pooled],
-    })
+    out = pd.DataFrame(
+        {
+            "document_id": docs["document_id"].to_numpy(),
+            "corpus": docs["corpus"].to_numpy(),
+            "n_tokens": [p.n_tokens for p in pooled],
+            "n_windows": [p.n_windows for p in pooled],
+            "chunk_char_centers": [p.chunk_char_centers for p in pooled],
+            "vectors": [p.vectors.tolist() for p in pooled],
+        }
+    )
     rej = pd.DataFrame(columns=["document_id", "reason", "detail"])
-    return _finish(cfg, "document_index", shard_key, out, rej, len(docs), "documents", k=K, sigma=sigma, alpha=alpha,
-                   embedder=embedder.identity, max_windows=int(out["n_windows"].max()) if len(out) else 0)
+    return _finish(
+        cfg,
+        "document_index",
+        shard_key,
+        out,
+        rej,
+        len(docs),
+        "documents",
+        k=K,
+        sigma=sigma,
+        alpha=alpha,
+        embedder=embedder.identity,
+        max_windows=int(out["n_windows"].max()) if len(out) else 0,
+    )
 
 
 def template_matches(cfg: Config, shard_key: str, logger: Logger = log.info) -> StageResult:
@@ -231,10 +309,21 @@ def template_matches(cfg: Config, shard_key: str, logger: Logger = log.info) -> 
     target_sources = m.get("target_complexity_sources") or []
     target = templates[templates["source"].isin(target_sources)]["complexity"].tolist() if target_sources else []
     weights = match.complexity_weights(templates["complexity"].tolist(), target)
-    out, rej = match.match_documents(docs, templates, sims, ids, weights, threshold,
-                                     int(m.get("max_templates", 6)), int(m.get("seed", 0)))
-    return _finish(cfg, "template_matches", shard_key, out, rej, len(docs), "documents",
-                   rows_out=out["document_id"].nunique() if len(out) else 0, matches=len(out), threshold=threshold)
+    out, rej = match.match_documents(
+        docs, templates, sims, ids, weights, threshold, int(m.get("max_templates", 6)), int(m.get("seed", 0))
+    )
+    return _finish(
+        cfg,
+        "template_matches",
+        shard_key,
+        out,
+        rej,
+        len(docs),
+        "documents",
+        rows_out=out["document_id"].nunique() if len(out) else 0,
+        matches=len(out),
+        threshold=threshold,
+    )
 
 
 def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) -> StageResult:
@@ -247,14 +336,27 @@ def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) ->
     window_chars = int(ins.get("window_chars", 1200))
     reqs, starts = [], []
     for row in matches.itertuples(index=False):
-        start, window = instantiate.document_window(docs.at[row.document_id, "text"], row.chunk_char_center, window_chars)
+        start, window = instantiate.document_window(
+            docs.at[row.document_id, "text"], row.chunk_char_center, window_chars
+        )
         starts.append(start)
-        reqs.append(instantiate.build_request(templates.at[row.template_id, "template"], window, spec.model,
-                                              spec.max_new_tokens, spec.temperature,
-                                              constrain=bool(ins.get("constrained_excerpts", True))))
+        reqs.append(
+            instantiate.build_request(
+                templates.at[row.template_id, "template"],
+                window,
+                spec.model,
+                spec.max_new_tokens,
+                spec.temperature,
+                constrain=bool(ins.get("constrained_excerpts", True)),
+            )
+        )
     results, stats = _run_llm(cfg, "instantiate", reqs, logger)
     out, rej = instantiate.instantiate_results(
-        matches, docs["text"].to_dict(), starts, results, float(ins.get("min_excerpt_ratio", 0.8)),
+        matches,
+        docs["text"].to_dict(),
+        starts,
+        results,
+        float(ins.get("min_excerpt_ratio", 0.8)),
         int(ins.get("max_span_chars", 4000)),
     )
     return _finish(cfg, "instruction_pairs", shard_key, out, rej, len(matches), "matches", llm=stats)
@@ -263,18 +365,46 @@ def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) ->
 def judged_corpus(cfg: Config, shard_key: str, logger: Logger = log.info) -> StageResult:
     pairs = Lake(cfg.lake_dir).read("instruction_pairs", shard_key)
     spec = cfg.models["judge"]
-    reqs = [judge.build_request(i, a, spec.model, spec.max_new_tokens, bool(cfg.judge.get("constrained_score", True)))
-            for i, a in zip(pairs["instruction"], pairs["answer"], strict=True)]
+    reqs = [
+        judge.build_request(i, a, spec.model, spec.max_new_tokens, bool(cfg.judge.get("constrained_score", True)))
+        for i, a in zip(pairs["instruction"], pairs["answer"], strict=True)
+    ]
     results, stats = _run_llm(cfg, "judge", reqs, logger)
     out, rej = judge.judge_results(pairs, results, int(cfg.judge.get("min_score", 4)))
     scores = pd.concat([out["score"], rej["score"]]).dropna().astype(int).value_counts().sort_index()
-    return _finish(cfg, "judged_corpus", shard_key, out, rej, len(pairs), "pairs", llm=stats,
-                   score_histogram={str(k): int(v) for k, v in scores.items()})
+    return _finish(
+        cfg,
+        "judged_corpus",
+        shard_key,
+        out,
+        rej,
+        len(pairs),
+        "pairs",
+        llm=stats,
+        score_histogram={str(k): int(v) for k, v in scores.items()},
+    )
 
 
 def training_corpus(cfg: Config, shards: list[str], logger: Logger = log.info) -> StageResult:
     lake = Lake(cfg.lake_dir)
     judged = lake.read_all("judged_corpus", shards)
+    if judged.empty:
+        judged = pd.DataFrame(
+            columns=[
+                "pair_id",
+                "match_id",
+                "document_id",
+                "template_id",
+                "corpus",
+                "instruction",
+                "answer",
+                "excerpt_spans",
+                "excerpt_ratio",
+                "score",
+                "feedback",
+                "accepted",
+            ]
+        )
     doc_index = lake.read_all("document_index", shards)
     doc_tokens = dict(zip(doc_index.get("document_id", []), doc_index.get("n_tokens", []), strict=True))
     embedder_tok = Embedder(cfg.embedder).tokenizer
@@ -283,8 +413,13 @@ def training_corpus(cfg: Config, shards: list[str], logger: Logger = log.info) -
     def count(text: str) -> int:
         return len(embedder_tok(text, add_special_tokens=False, verbose=False)["input_ids"])
 
-    out, rej = budget.apply_budget(judged, doc_tokens, count, rollover=bool(tr.get("rollover", True)),
-                                   budget_ratio=float(tr.get("budget_ratio", 1.0)))
+    out, rej = budget.apply_budget(
+        judged,
+        doc_tokens,
+        count,
+        rollover=bool(tr.get("rollover", True)),
+        budget_ratio=float(tr.get("budget_ratio", 1.0)),
+    )
     export_dir = cfg.data_dir / "exports"
     export_dir.mkdir(parents=True, exist_ok=True)
     cols = ["pair_id", "document_id", "template_id", "corpus", "text", "tokens", "score"]
@@ -293,10 +428,17 @@ def training_corpus(cfg: Config, shards: list[str], logger: Logger = log.info) -
     tmp = export_dir / ".training_corpus.jsonl.tmp"
     exported.to_json(tmp, orient="records", lines=True, force_ascii=False)
     tmp.replace(export_dir / "training_corpus.jsonl")
-    return _finish(cfg, "training_corpus", UNPARTITIONED, out.drop(columns=["accepted"], errors="ignore"),
-                   rej.drop(columns=["accepted"], errors="ignore"), len(judged), "pairs",
-                   tokens=int(out["tokens"].sum()) if len(out) else 0,
-                   exports=[str(export_dir / "training_corpus" / "train.parquet"), str(export_dir / "training_corpus.jsonl")])
+    return _finish(
+        cfg,
+        "training_corpus",
+        UNPARTITIONED,
+        out.drop(columns=["accepted"], errors="ignore"),
+        rej.drop(columns=["accepted"], errors="ignore"),
+        len(judged),
+        "pairs",
+        tokens=int(out["tokens"].sum()) if len(out) else 0,
+        exports=[str(export_dir / "training_corpus" / "train.parquet"), str(export_dir / "training_corpus.jsonl")],
+    )
 
 
 STAGES: dict[str, Callable[..., StageResult]] = {

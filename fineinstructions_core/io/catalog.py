@@ -15,8 +15,16 @@ from typing import Any
 import duckdb
 
 ASSETS = [
-    "raw_queries", "query_set", "template_bank", "template_index", "documents", "document_index",
-    "template_matches", "instruction_pairs", "judged_corpus", "training_corpus",
+    "raw_queries",
+    "query_set",
+    "template_bank",
+    "template_index",
+    "documents",
+    "document_index",
+    "template_matches",
+    "instruction_pairs",
+    "judged_corpus",
+    "training_corpus",
 ]
 
 LINEAGE_SQL = """
@@ -77,15 +85,27 @@ def _create_views(catalog: Path, lake: Path) -> list[str]:
             for name in (asset, f"{asset}_rejections"):
                 if name in existing or not any((lake / name).glob("*.parquet")):
                     continue
-                db.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{_glob(lake, name)}', "
-                           "union_by_name = true, filename = false)")
+                db.execute(
+                    f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{_glob(lake, name)}', "
+                    "union_by_name = true, filename = false)"
+                )
                 created.append(name)
         if "accounting" not in existing and any((lake / "_accounting").glob("*/*.json")):
             path = str((lake / "_accounting" / "*" / "*.json").resolve()).replace("'", "''")
-            db.execute(f"CREATE OR REPLACE VIEW accounting AS SELECT * FROM read_json_auto('{path}', union_by_name = true)")
+            db.execute(
+                f"CREATE OR REPLACE VIEW accounting AS SELECT * FROM read_json_auto('{path}', union_by_name = true)"
+            )
             created.append("accounting")
-        needed = {"instruction_pairs", "template_matches", "documents", "template_index", "query_set", "raw_queries",
-                  "judged_corpus", "judged_corpus_rejections"}
+        needed = {
+            "instruction_pairs",
+            "template_matches",
+            "documents",
+            "template_index",
+            "query_set",
+            "raw_queries",
+            "judged_corpus",
+            "judged_corpus_rejections",
+        }
         have = existing | set(created)
         if "lineage" not in have and needed <= have:
             db.execute(LINEAGE_SQL)
@@ -103,8 +123,18 @@ def stats(accounting: list[dict[str, Any]]) -> dict[str, Any]:
     """Per stage: rows in, out, rejected by reason, summed over partitions, and whether it balances."""
     stages: dict[str, Any] = {}
     for rec in accounting:
-        s = stages.setdefault(rec["asset"], {"unit": rec["unit"], "partitions": 0, "rows_in": 0, "rows_out": 0,
-                                             "rows_rejected": 0, "rejected_by_reason": {}, "llm": None})
+        s = stages.setdefault(
+            rec["asset"],
+            {
+                "unit": rec["unit"],
+                "partitions": 0,
+                "rows_in": 0,
+                "rows_out": 0,
+                "rows_rejected": 0,
+                "rejected_by_reason": {},
+                "llm": None,
+            },
+        )
         s["partitions"] += 1
         s["rows_in"] += rec["rows_in"]
         s["rows_out"] += rec["rows_out"]
@@ -113,8 +143,9 @@ def stats(accounting: list[dict[str, Any]]) -> dict[str, Any]:
             s["rejected_by_reason"][reason] = s["rejected_by_reason"].get(reason, 0) + n
         llm = (rec.get("extra") or {}).get("llm")
         if llm:
-            agg = s["llm"] or {k: 0 for k in ("requests", "cache_hits", "cache_misses", "errors", "prompt_tokens",
-                                              "completion_tokens")}
+            agg = s["llm"] or {
+                k: 0 for k in ("requests", "cache_hits", "cache_misses", "errors", "prompt_tokens", "completion_tokens")
+            }
             for k in agg:
                 agg[k] += int(llm.get(k) or 0)
             s["llm"] = agg

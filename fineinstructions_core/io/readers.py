@@ -207,6 +207,10 @@ def _doc_or_reject(rec: Record, max_chars: int) -> Record | Rejected:
         return Rejected(rec.file, rec.index, "empty_document", "no text after stripping whitespace", "")
     if len(rec.text) > max_chars:
         return Rejected(
-            rec.file, rec.index, "document_too_large", f"{len(rec.text)} chars > max {max_chars}", rec.text[:MAX_SNIPPET]
+            rec.file,
+            rec.index,
+            "document_too_large",
+            f"{len(rec.text)} chars > max {max_chars}",
+            rec.text[:MAX_SNIPPET],
         )
     return rec

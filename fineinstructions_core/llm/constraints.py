@@ -40,15 +40,30 @@ class Constraint(Protocol):
 
 
 class ExcerptCopy:
+    """The instantiation grammar: `Instruction: <one line>\nAnswer: <excerpt>COPY</excerpt>` or `null`.
+
+    Phases: instruction (free text on one line, at most `max_instruction_tokens`), then the forced
+    `Answer: <excerpt>`, then a verbatim copy of the source (token by token, following every place in
+    the source the copy so far could come from), then the forced `</excerpt>` and end of text.
+    """
+
     OPEN = "<excerpt>"
     CLOSE = "</excerpt>"
-    ANSWER = "Answer:"
 
-    def __init__(self, tokenizer: TokenizerLike, source: str, max_excerpt_tokens: int = 64):
+    def __init__(
+        self,
+        tokenizer: TokenizerLike,
+        source: str,
+        eos_id: int,
+        max_excerpt_tokens: int = 80,
+        max_instruction_tokens: int = 48,
+    ):
         self.tok = tokenizer
+        self.eos_id = eos_id
         self.source_ids = tokenizer.encode(source, add_special_tokens=False)
         self.close_ids = tokenizer.encode(self.CLOSE, add_special_tokens=False)
         self.max_excerpt_tokens = max_excerpt_tokens
+        self.max_instruction_tokens = max_instruction_tokens
         # An excerpt may start on a word without its leading space: map the spaceless variant too.
         self.starts: dict[int, list[int]] = defaultdict(list)
         for i, t in enumerate(self.source_ids):
@@ -56,13 +71,12 @@ class ExcerptCopy:
             bare = self._spaceless(t)
             if bare is not None and bare != t:
                 self.starts[bare].append(i)
-        self.generated: list[int] = []
-        self.inside = False
+        self.instruction: list[int] = []
+        self.phase = "instruction"  # instruction -> excerpt -> done
         self.positions: list[int] | None = None  # next source index for each live alignment
         self.copied = 0
         self.forced: list[int] = []
-        self.after_forced = "close"
-        self.answered = False
+        self.after_forced = "excerpt"
 
     def _spaceless(self, token_id: int) -> int | None:
         text = self.tok.decode([token_id])
@@ -74,57 +88,67 @@ class ExcerptCopy:
     def allowed(self) -> list[int] | None:
         if self.forced:
             return [self.forced[0]]
-        if not self.inside:
+        if self.phase == "done":
+            return [self.eos_id]
+        if self.phase == "instruction":
             return None
         if self.positions is None:
-            return list(self.starts) + [self.close_ids[0]]
+            return list(self.starts)
         nxt = {self.source_ids[p] for p in self.positions if p < len(self.source_ids)}
         if not nxt or self.copied >= self.max_excerpt_tokens:
             return [self.close_ids[0]]
         return list(nxt) + [self.close_ids[0]]
 
+    def banned(self) -> list[int]:
+        if self.phase == "instruction" and self.tok.decode(self.instruction).strip().lower() != "null":
+            return [self.eos_id]
+        return []
+
+    def _force(self, text: str, then: str) -> None:
+        self.forced = self.tok.encode(text, add_special_tokens=False)
+        self.after_forced = then
+
     def advance(self, token_id: int) -> None:
-        self.generated.append(token_id)
         if self.forced:
             self.forced.pop(0)
             if not self.forced:
-                self._enter() if self.after_forced == "open" else self._leave()
+                self.phase = self.after_forced
+                if self.phase == "excerpt":
+                    self.positions, self.copied = None, 0
             return
-        if not self.inside:
-            tail = self.tok.decode(self.generated[-8:])
-            if tail.endswith(self.OPEN):
-                self._enter()
-            elif tail.rstrip().endswith(self.ANSWER) and not self.answered:
-                # The answer starts with a quotation; free text may follow it.
-                self.answered = True
-                self.forced = self.tok.encode(" " + self.OPEN if tail.endswith(self.ANSWER) else self.OPEN,
-                                              add_special_tokens=False)
-                self.after_forced = "open"
+        if self.phase == "instruction":
+            self.instruction.append(token_id)
+            text = self.tok.decode(self.instruction)
+            if "\n" in text:
+                if text.strip().lower() == "null":
+                    self.phase = "done"
+                elif text.strip():
+                    self._force("Answer: " + self.OPEN, then="excerpt")
+            elif len(self.instruction) >= self.max_instruction_tokens:
+                self._force("\nAnswer: " + self.OPEN, then="excerpt")
             return
-        if token_id == self.close_ids[0] and (self.positions is None or not self._continues(token_id)):
-            self.forced = list(self.close_ids[1:])
-            self.after_forced = "close"
-            if not self.forced:
-                self._leave()
-            return
-        if self.positions is None:
-            self.positions = [p + 1 for p in self.starts.get(token_id, [])]
-        else:
-            self.positions = [p + 1 for p in self.positions if p < len(self.source_ids) and self.source_ids[p] == token_id]
-        self.copied += 1
-
-    def _enter(self) -> None:
-        self.inside, self.positions, self.copied = True, None, 0
-
-    def _leave(self) -> None:
-        self.inside = False
-
-    def banned(self) -> list[int]:
-        return []
+        if self.phase == "excerpt":
+            if token_id == self.close_ids[0] and not self._continues(token_id):
+                self._force(self.CLOSE, then="done")
+                self.forced.pop(0)
+                if not self.forced:
+                    self.phase = "done"
+                return
+            if self.positions is None:
+                self.positions = [p + 1 for p in self.starts.get(token_id, [])]
+            else:
+                self.positions = [
+                    p + 1 for p in self.positions if p < len(self.source_ids) and self.source_ids[p] == token_id
+                ]
+            self.copied += 1
 
     def force_finish(self) -> None:
-        if self.inside and not self.forced:
-            self.forced, self.after_forced = list(self.close_ids), "close"
+        if self.forced:
+            return
+        if self.phase == "excerpt" and self.positions is not None:
+            self._force(self.CLOSE, then="done")
+        elif self.phase == "instruction":
+            self.phase = "done"
 
     def reserve(self) -> int:
         return len(self.close_ids) + 1
@@ -192,7 +216,7 @@ def build_constraint(spec: tuple[str, ...] | None, tokenizer: Any, eos_id: int) 
         return None
     kind, *args = spec
     if kind == "excerpt_copy":
-        return ExcerptCopy(tokenizer, args[0])
+        return ExcerptCopy(tokenizer, args[0], eos_id)
     if kind == "score":
         return ScoreChoice(tokenizer, args, eos_id)
     raise ValueError(f"unknown decoding constraint {kind!r}")

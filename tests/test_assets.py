@@ -1,0 +1,78 @@
+"""Assets through `dagster.materialize`: metadata, checks, the sensor, and blocking checks that fail."""
+
+import json
+
+import pandas as pd
+from dagster import DagsterInstance, build_sensor_context, materialize
+
+from fineinstructions_assets.assets import ALL_ASSETS, _checks, query_set, raw_queries
+from fineinstructions_assets.definitions import defs
+from fineinstructions_assets.partitions import register_partitions
+from fineinstructions_assets.resources import FineInstructionsResource
+from fineinstructions_assets.sensors import partition_registration_sensor
+from fineinstructions_core.config import load_config
+from fineinstructions_core.io.lake import Accounting, Lake
+from fineinstructions_core.stages import StageResult
+
+
+def test_graph_shape():
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {
+        "raw_queries",
+        "query_set",
+        "template_bank",
+        "template_index",
+        "documents",
+        "document_index",
+        "template_matches",
+        "instruction_pairs",
+        "judged_corpus",
+        "training_corpus",
+    }
+    deps = {
+        k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()
+    }
+    assert deps["template_matches"] == {"document_index", "template_index"}
+    assert deps["training_corpus"] == {"judged_corpus"}
+
+
+def test_materialize_query_stages_with_checks(tiny_project, dagster_home):
+    instance = DagsterInstance.get()
+    cfg = load_config(tiny_project)
+    register_partitions(cfg, instance)
+    result = materialize(
+        [raw_queries, query_set],
+        partition_key="nq",
+        instance=instance,
+        resources={"fi": FineInstructionsResource(config_path=str(tiny_project))},
+    )
+    assert result.success
+    mats = result.asset_materializations_for_node("query_set")
+    meta = mats[0].metadata
+    assert meta["row_count"].value == len(Lake(cfg.lake_dir).read("query_set", "nq"))
+    assert json.loads(json.dumps(meta["funnel"].value))["in"] == 6
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"ids_unique_not_null": True, "schema": True, "accounting": True, "yield": True}
+
+
+def test_blocking_checks_catch_bad_output():
+    out = pd.DataFrame({"query_id": ["a", "a", None], "source": "s"})
+    acc = Accounting("query_set", "p", "queries", rows_in=5, rows_out=3, rejected={"duplicate": 1})
+    results = {c.check_name: c.passed for c in _checks("query_set", StageResult("query_set", "p", out, out, acc))}
+    assert results == {"ids_unique_not_null": False, "schema": False, "accounting": False, "yield": True}
+
+
+def test_sensor_registers_partitions_and_requests_runs(tiny_project, dagster_home):
+    instance = DagsterInstance.get()
+    ctx = build_sensor_context(
+        instance=instance, definitions=defs, resources={"fi": FineInstructionsResource(config_path=str(tiny_project))}
+    )
+    result = partition_registration_sensor(ctx)
+    keys = sorted(r.partition_key for r in result.run_requests)
+    assert keys == ["books-00000", "debian-00000", "nq", "wf"]
+    assert len(result.dynamic_partitions_requests) == 2
+
+
+def test_all_assets_are_exported():
+    assert len(ALL_ASSETS) == 10

@@ -1,0 +1,183 @@
+"""End to end through the real services: `dagster-webserver` + `dagster-daemon`, launched over GraphQL.
+
+The in-process tests never exercise what a user actually runs: the workspace.yaml code location, the
+QueuedRunCoordinator (a queued run only starts if the daemon dequeues it), the `fi` resource reading
+FI_CONFIG inside the run worker, and the run launcher's subprocess. This test launches one query-source
+partition (`raw_queries` + `query_set`, no LLM) the way the UI would, and checks the lake file it writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import requests
+from conftest import ROOT, make_tiny_project
+from dagster import DagsterInstance, DagsterRunStatus
+from dagster_graphql import DagsterGraphQLClient
+
+from fineinstructions_assets.partitions import register_partitions
+from fineinstructions_core.config import load_config
+
+LOCATION = "fineinstructions_assets.definitions"  # a python_module location is named after its module
+PARTITION = "nq"
+ASSETS = ["raw_queries", "query_set"]
+STARTUP_TIMEOUT_S = 180.0
+RUN_TIMEOUT_S = 240.0
+BIN = Path(sys.executable).parent
+
+# Raised inside gql by DagsterGraphQLClient itself; nothing this test can change.
+pytestmark = pytest.mark.filterwarnings("ignore:Using variable_values:DeprecationWarning")
+
+LOCATION_QUERY = """
+query {
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries { name loadStatus locationOrLoadError { __typename } }
+    }
+  }
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else "(no log)"
+    return f"--- {path.name} (tail) ---\n{text[-n:]}"
+
+
+@contextmanager
+def _service(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a service in its own process group; always stop it (SIGTERM, then SIGKILL after a grace period)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group: the webserver/daemon spawn code servers
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also reaps code servers left behind by a clean exit
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=grace_s)
+
+
+def _wait_for(what: str, ready: Callable[[], bool], timeout_s: float, logs: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(1.0)
+    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}\n{logs()}")
+
+
+def _location_loaded(url: str, procs: list[subprocess.Popen[bytes]], logs: Callable[[], str]) -> bool:
+    for p in procs:
+        if p.poll() is not None:
+            pytest.fail(f"{p.args[0]} exited early with code {p.returncode}\n{logs()}")
+    try:
+        if requests.get(f"{url}/server_info", timeout=5).status_code != 200:
+            return False
+        reply = requests.post(f"{url}/graphql", json={"query": LOCATION_QUERY}, timeout=10)
+        body: dict[str, Any] = reply.json()
+    except (requests.RequestException, ValueError):
+        return False
+    entries = ((body.get("data") or {}).get("workspaceOrError") or {}).get("locationEntries") or []
+    for e in entries:
+        if e["name"] == LOCATION and e["loadStatus"] == "LOADED":
+            kind = e["locationOrLoadError"]["__typename"]
+            if kind != "RepositoryLocation":
+                pytest.fail(f"code location failed to load ({kind})\n{logs()}")
+            return True
+    return False
+
+
+def test_partition_run_through_webserver_and_daemon(
+    tmp_path: Path, dagster_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FI_DATA_DIR", raising=False)  # both would move or resize the project under test
+    monkeypatch.delenv("FI_SCALE", raising=False)
+    config_path = make_tiny_project(tmp_path / "project")
+    cfg = load_config(config_path)
+    with DagsterInstance.get() as instance:  # registered up front, so the sensor has nothing to launch
+        register_partitions(cfg, instance)
+        assert PARTITION in instance.get_dynamic_partitions("query_sources")
+
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "FI_CONFIG": str(config_path), "HF_HUB_OFFLINE": "1"}
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    web_log, daemon_log = tmp_path / "webserver.log", tmp_path / "daemon.log"
+
+    def logs() -> str:
+        return "\n".join(_tail(p) for p in (web_log, daemon_log))
+
+    with ExitStack() as stack:
+        web_args = ["-w", "workspace.yaml", "--host", "127.0.0.1", "--port", str(port)]
+        web = stack.enter_context(_service([str(BIN / "dagster-webserver"), *web_args], env, web_log))
+        daemon = stack.enter_context(
+            _service([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, daemon_log)
+        )
+        _wait_for(
+            "the webserver and its code location",
+            lambda: _location_loaded(url, [web, daemon], logs),
+            STARTUP_TIMEOUT_S,
+            logs,
+        )
+
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60)
+        run_id = client.submit_job_execution(
+            "__ASSET_JOB",
+            repository_location_name=LOCATION,
+            repository_name="__repository__",
+            tags={"dagster/partition": PARTITION},
+            asset_selection=ASSETS,
+        )
+
+        status: list[DagsterRunStatus] = []
+
+        def finished() -> bool:
+            status.append(client.get_run_status(run_id))
+            if status[-1] in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
+                pytest.fail(f"run {run_id} ended {status[-1].value}\n{logs()}")
+            if daemon.poll() is not None:
+                pytest.fail(f"dagster-daemon exited with code {daemon.returncode}\n{logs()}")
+            return status[-1] == DagsterRunStatus.SUCCESS
+
+        _wait_for(
+            f"run {run_id} to succeed",
+            finished,
+            RUN_TIMEOUT_S,
+            lambda: f"last status: {status[-1].value if status else None}\n{logs()}",
+        )
+
+    out = config_path.parent / "data" / "lake" / "query_set" / f"{PARTITION}.parquet"
+    assert out.exists(), f"no lake file at {out}"
+    assert len(pd.read_parquet(out)) > 0, f"{out} has no rows"
