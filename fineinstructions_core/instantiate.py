@@ -15,6 +15,7 @@ import pandas as pd
 from .excerpts import ExcerptError, expand_answer
 from .ids import content_id
 from .llm.base import ChatMessage, GenerationRequest, GenerationResult
+from .templates import TAG
 
 SYSTEM = (
     "You fill an instruction template with details from a document and answer it by quoting the document. "
@@ -47,6 +48,16 @@ FEW_SHOT = [
         "<excerpt>The z option selects gzip compression.</excerpt>",
     ),
 ]
+
+
+def template_followed(template: str, instruction: str, min_share: float = 0.5) -> bool:
+    """At least `min_share` of the template's own words (outside its tags) appear in the instruction."""
+    literal = set(re.findall(r"\w+", TAG.sub(" ", template).lower()))
+    if len(literal) < 2:
+        return True
+    words = set(re.findall(r"\w+", instruction.lower()))
+    return len(literal & words) / len(literal) >= min_share
+
 
 _REFERS = re.compile(r"\b(the|this|that) (document|text|passage|excerpt|article)\b", re.IGNORECASE)
 
@@ -144,6 +155,9 @@ def instantiate_results(
             continue
         if "<fi>" in parsed.instruction or "</fi>" in parsed.instruction:
             reject("unfilled_template", parsed.instruction)
+            continue
+        if not template_followed(row.template, parsed.instruction):
+            reject("template_not_followed", parsed.instruction)
             continue
         if _REFERS.search(parsed.instruction):
             reject("refers_to_document", parsed.instruction)

@@ -352,7 +352,7 @@ def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) ->
         )
     results, stats = _run_llm(cfg, "instantiate", reqs, logger)
     out, rej = instantiate.instantiate_results(
-        matches,
+        matches.assign(template=[templates.at[t, "template"] for t in matches["template_id"]]),
         docs["text"].to_dict(),
         starts,
         results,

@@ -66,7 +66,14 @@ def _tail(path: Path, n: int = 4000) -> str:
 def _service(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run a service in its own process group; always stop it (SIGTERM, then SIGKILL after a grace period)."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield proc
         finally:
@@ -131,7 +138,12 @@ def test_partition_run_through_webserver_and_daemon(
         register_partitions(cfg, instance)
         assert PARTITION in instance.get_dynamic_partitions("query_sources")
 
-    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "FI_CONFIG": str(config_path), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "FI_CONFIG": str(config_path),
+        "HF_HUB_OFFLINE": "1",
+    }
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     web_log, daemon_log = tmp_path / "webserver.log", tmp_path / "daemon.log"

@@ -117,12 +117,13 @@ class ExcerptCopy:
                     self.positions, self.copied = None, 0
             return
         if self.phase == "instruction":
+            before = self.tok.decode(self.instruction).strip()
             self.instruction.append(token_id)
-            text = self.tok.decode(self.instruction)
-            if "\n" in text:
-                if text.strip().lower() == "null":
+            if "\n" in self.tok.decode([token_id]) and before:
+                # The instruction line is finished (leading blank lines are ignored).
+                if before.lower() == "null":
                     self.phase = "done"
-                elif text.strip():
+                else:
                     self._force("Answer: " + self.OPEN, then="excerpt")
             elif len(self.instruction) >= self.max_instruction_tokens:
                 self._force("\nAnswer: " + self.OPEN, then="excerpt")

@@ -1,0 +1,137 @@
+"""The request cache, the decoding grammars on the real embedded tokenizer, and prompt parsing."""
+
+from pathlib import Path
+
+import pytest
+
+from fineinstructions_core.instantiate import document_window, parse_output, template_followed
+from fineinstructions_core.judge import parse_output as parse_judge
+from fineinstructions_core.llm.base import ChatMessage, GenerationRequest, GenerationResult
+from fineinstructions_core.llm.cache import CachedLLM, RequestCache
+from fineinstructions_core.llm.constraints import ExcerptCopy, ScoreChoice
+
+
+class RecordingBackend:
+    """A backend that answers from a table; stands in for a model only to count what reaches it."""
+
+    identity = "table-v1"
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def render(self, request: GenerationRequest) -> str:
+        return "|".join(m.content for m in request.messages)
+
+    def generate(self, requests, progress=None):
+        out = []
+        for r in requests:
+            self.seen.append(self.render(r))
+            if "fail" in self.render(r):
+                out.append(GenerationResult("", error="TimeoutError: server took too long"))
+            else:
+                out.append(GenerationResult(self.render(r).upper(), prompt_tokens=3, completion_tokens=2))
+        return out
+
+
+def _req(text: str, **kw) -> GenerationRequest:
+    return GenerationRequest(model="m", messages=(ChatMessage("user", text),), **kw)
+
+
+def test_cache_answers_repeats_and_never_stores_failures(tmp_path: Path):
+    backend = RecordingBackend()
+    llm = CachedLLM(backend, RequestCache(tmp_path / "c.sqlite"))
+    first = llm.generate([_req("a"), _req("b"), _req("fail")])
+    assert [r.text for r in first] == ["A", "B", ""] and first[2].error
+    again = CachedLLM(backend, RequestCache(tmp_path / "c.sqlite"))
+    second = again.generate([_req("a"), _req("b", max_new_tokens=7), _req("fail")])
+    assert backend.seen == ["a", "b", "fail", "b", "fail"]  # a cached; b has new params; failure retried
+    assert again.stats.cache_hits == 1 and again.stats.cache_misses == 2 and again.stats.errors == 1
+    assert second[0].cached and second[0].text == "A"
+    assert RequestCache(tmp_path / "c.sqlite").size()["entries"] == 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import os
+
+    from transformers import AutoTokenizer
+
+    from fineinstructions_core.llm.models import EMBEDDED_LLM, resolve_llm
+
+    path, _ = resolve_llm(EMBEDDED_LLM, Path(os.environ["FI_MODEL_CACHE"]))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _feed(c, ids):
+    for t in ids:
+        allowed = c.allowed()
+        assert allowed is None or t in allowed, (t, allowed)
+        c.advance(t)
+
+
+def test_excerpt_grammar_copies_the_source_verbatim(tokenizer):
+    source = "Run tar -czf backup.tar.gz folder/ to compress a folder. The z option selects gzip."
+    eos = tokenizer.eos_token_id
+    c = ExcerptCopy(tokenizer, source, eos)
+    assert eos in c.banned()  # no empty answer
+    _feed(c, tokenizer.encode(" How do I compress a folder?\n", add_special_tokens=False))
+    forced = []
+    while c.forced:
+        forced.append(c.allowed()[0])
+        c.advance(forced[-1])
+    assert tokenizer.decode(forced) == "Answer: <excerpt>"
+    # Inside the excerpt only continuations of the source (or the closing tag) are allowed.
+    copy = tokenizer.encode(" The z option", add_special_tokens=False)
+    _feed(c, copy)
+    nxt = c.allowed()
+    assert set(nxt) == {tokenizer.encode(" selects", add_special_tokens=False)[0], c.close_ids[0]}
+    c.advance(c.close_ids[0])
+    while c.forced:
+        c.advance(c.allowed()[0])
+    assert c.allowed() == [eos]
+
+
+def test_excerpt_grammar_allows_null(tokenizer):
+    c = ExcerptCopy(tokenizer, "Some text.", tokenizer.eos_token_id)
+    _feed(c, tokenizer.encode(" null", add_special_tokens=False))
+    assert c.banned() == []  # `null` may end the answer
+
+
+def test_score_grammar_forces_a_score(tokenizer):
+    eos = tokenizer.eos_token_id
+    c = ScoreChoice(tokenizer, ["1", "2", "3", "4", "5"], eos)
+    assert c.banned() == [eos]
+    _feed(c, tokenizer.encode("Fine answer.</feedback>", add_special_tokens=False))
+    while c.forced:
+        c.advance(c.allowed()[0])
+    options = c.allowed()
+    assert sorted(tokenizer.decode([o]) for o in options) == ["1", "2", "3", "4", "5"]
+    c.advance(options[3])
+    text = []
+    while c.forced:
+        text.append(c.allowed()[0])
+        c.advance(text[-1])
+    assert tokenizer.decode(text) == "</score>" and c.allowed() == [eos]
+
+
+def test_instantiation_parsing_and_template_following():
+    assert parse_output("Instruction: null") is None
+    assert parse_output("null.") is None
+    p = parse_output("Instruction: How do I compress a folder?\nAnswer: <excerpt>Run tar</excerpt>")
+    assert p.instruction == "How do I compress a folder?" and p.answer == "<excerpt>Run tar</excerpt>"
+    assert parse_output("Here is a story") == "unparseable"
+    assert template_followed("How do I <fi>task</fi> with <fi>tool</fi>?", "How do I compress a folder with tar?")
+    assert not template_followed("How do I <fi>task</fi> with <fi>tool</fi>?", "2.1.1. Fast Growing IT Needs")
+
+
+def test_document_window_centres_on_the_chunk():
+    text = " ".join(f"w{i}" for i in range(1000))
+    start, window = document_window(text, center=len(text) // 2, window_chars=200)
+    assert text[start : start + len(window)] == window
+    assert abs((start + len(window) / 2) - len(text) / 2) < 120
+    assert document_window("short", 3, 200) == (0, "short")
+
+
+def test_judge_parsing():
+    assert parse_judge("<feedback>ok</feedback>\n<score>4</score>") == (4, "ok")
+    assert parse_judge("<feedback>ok</feedback> no score") is None
