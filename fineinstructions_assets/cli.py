@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "--all", action="store_true", help="rematerialize everything (LLM answers still come from the cache)"
     )
     p.add_argument("--timing-file", default=None, help="write the pipeline time as JSON to this file")
-    p.add_argument("--log-level", default="WARNING", help="Dagster console log level (default WARNING)")
+    p.add_argument("--log-level", default="INFO", help="Dagster console log level (default INFO: progress)")
     p.set_defaults(func=cmd_run)
     sub.add_parser("register", help="register query sources and corpus shards as Dagster partitions").set_defaults(
         func=cmd_register

@@ -112,8 +112,19 @@ class Config:
 
     def stage_fingerprint(self, *sections: str) -> str:
         """A hash of the config sections a stage depends on, recorded with each output."""
-        blob = json.dumps({s: self.raw.get(s) for s in sections}, sort_keys=True, default=str)
+        blob = json.dumps({s: self._section(s) for s in sections}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _section(self, path: str) -> Any:
+        """A dotted config path; `profile.` stands for the active model profile."""
+        node: Any = self.raw
+        parts = path.split(".")
+        if parts[0] == "profile":
+            node = (self.raw.get("model_profiles") or {}).get(self.raw.get("model_profile", "embedded")) or {}
+            parts = parts[1:]
+        for part in parts:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
 
 
 def _glob(root: Path, pattern: str) -> list[Path]:

@@ -53,7 +53,7 @@ FEW_SHOT = [
 def template_followed(template: str, instruction: str, min_share: float = 0.5) -> bool:
     """At least `min_share` of the template's own words (outside its tags) appear in the instruction."""
     literal = set(re.findall(r"\w+", TAG.sub(" ", template).lower()))
-    if len(literal) < 2:
+    if not literal:
         return True
     words = set(re.findall(r"\w+", instruction.lower()))
     return len(literal & words) / len(literal) >= min_share
@@ -127,6 +127,7 @@ def instantiate_results(
     results: list[GenerationResult],
     min_excerpt_ratio: float,
     max_span_chars: int,
+    min_answer_words: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(matches with template text, results) -> (instruction_pairs, rejections); one status per match."""
     kept, rejected = [], []
@@ -169,6 +170,9 @@ def instantiate_results(
             continue
         if not exp.spans:
             reject("no_excerpt")
+            continue
+        if len(exp.text.split()) < min_answer_words:
+            reject("answer_too_short", f"{len(exp.text.split())} < {min_answer_words} words")
             continue
         if exp.ratio < min_excerpt_ratio:
             reject("excerpt_ratio_below_min", f"{exp.ratio:.3f} < {min_excerpt_ratio}")

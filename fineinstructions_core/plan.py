@@ -26,13 +26,13 @@ SHARD_CHAIN = ["documents", "document_index", "template_matches", "instruction_p
 _CONFIG = {
     "raw_queries": ("query_sources", "scale", "demo"),
     "query_set": ("query_filters",),
-    "template_bank": ("model_profile", "model_profiles", "genericize"),
-    "template_index": ("matching", "model_profile", "model_profiles"),
+    "template_bank": ("profile.genericize", "genericize"),
+    "template_index": ("matching.exact_below", "matching.index_factory", "matching.nprobe", "profile.embedder"),
     "documents": ("corpora", "max_document_chars"),
-    "document_index": ("matching", "model_profile", "model_profiles"),
+    "document_index": ("matching.k", "matching.sigma", "matching.alpha", "profile.embedder"),
     "template_matches": ("matching",),
-    "instruction_pairs": ("instantiation", "model_profile", "model_profiles"),
-    "judged_corpus": ("judge", "model_profile", "model_profiles"),
+    "instruction_pairs": ("instantiation", "profile.instantiate"),
+    "judged_corpus": ("judge", "profile.judge"),
     "training_corpus": ("training",),
 }
 _CODE = {

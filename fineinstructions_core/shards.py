@@ -53,7 +53,7 @@ def _manifest_path(cfg: Config, corpus: str) -> Path:
 def load_manifest(cfg: Config, corpus: str) -> dict:
     path = _manifest_path(cfg, corpus)
     if not path.exists():
-        return {"corpus": corpus, "files": {}, "shards": []}
+        return {"corpus": corpus, "files": {}, "shards": []}  # no "demo_skipped" yet: first sight
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -70,13 +70,18 @@ def plan_shards(cfg: Config, corpus: Corpus) -> list[Shard]:
     """Cut any files not yet in the manifest into new shards and return all shards of the corpus."""
     manifest = load_manifest(cfg, corpus.name)
     size = int(corpus.shard_size or cfg.shard_size)
+    changed = False
     files = corpus.files(cfg.root)
     files_limit = cfg.limit("files_per_corpus")
     if files_limit is not None:
-        files = files[:files_limit]
+        # The demo slice is fixed when the corpus is first seen; files added later are always taken.
+        if "demo_skipped" not in manifest:
+            manifest["demo_skipped"] = [_rel(p, cfg.root) for p in files[files_limit:]]
+            changed = True
+        skipped = set(manifest["demo_skipped"])
+        files = [p for p in files if _rel(p, cfg.root) not in skipped]
     docs_limit = cfg.limit("docs_per_file")
     pending: list[Segment] = []
-    changed = False
     for path in files:
         rel = _rel(path, cfg.root)
         n = count_corpus_records(corpus, path)

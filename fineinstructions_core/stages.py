@@ -358,6 +358,7 @@ def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) ->
         results,
         float(ins.get("min_excerpt_ratio", 0.8)),
         int(ins.get("max_span_chars", 4000)),
+        int(ins.get("min_answer_words", 0)),
     )
     return _finish(cfg, "instruction_pairs", shard_key, out, rej, len(matches), "matches", llm=stats)
 

@@ -46,6 +46,8 @@ def check_template(template: str, description: str, query: str) -> TemplateCheck
         return TemplateCheck(False, "no_tag", ())
     if any(not v for v in variables):
         return TemplateCheck(False, "empty_tag", variables)
+    if not _squash(TAG.sub(" ", template)):
+        return TemplateCheck(False, "no_literal_text", variables)
     if _squash(strip_tags(template)) == _squash(query) or _squash(template) == _squash(query):
         return TemplateCheck(False, "same_as_query", variables)
     if not description.strip():

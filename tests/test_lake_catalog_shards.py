@@ -37,3 +37,17 @@ def test_shards_are_stable_when_files_are_added(tiny_project):
     assert again == ["books-00000", "books-00001"]
     assert get_shard(cfg, "books-00001").segments[0].file.endswith("zz-second.txt")
     assert get_shard(cfg, "books-00000").segments[0].file.endswith("alice.txt")
+
+
+def test_demo_slice_is_fixed_at_first_sight_and_new_files_still_count(tiny_project):
+    cfg = load_config(tiny_project, {"scale": "demo", "demo": {"files_per_corpus": 1, "docs_per_file": 1}})
+    books = tiny_project.parent / "d" / "books"
+    (books / "b-second.txt").write_text("Already here at first sight, beyond the demo slice.\n", encoding="utf-8")
+    keys = [s.key for s in plan_shards(cfg, cfg.corpus("books"))]
+    assert keys == ["books-00000"] and get_shard(cfg, "books-00000").segments[0].file.endswith("alice.txt")
+    (books / "c-new.txt").write_text("Added after the first run.\n", encoding="utf-8")
+    keys = [s.key for s in plan_shards(cfg, cfg.corpus("books"))]
+    assert keys == ["books-00000", "books-00001"]
+    assert get_shard(cfg, "books-00001").segments[0].file.endswith("c-new.txt")
+    debian = [s for s in plan_shards(cfg, cfg.corpus("debian"))]
+    assert [s.size for s in debian] == [1]  # docs_per_file

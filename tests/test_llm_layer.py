@@ -122,6 +122,8 @@ def test_instantiation_parsing_and_template_following():
     assert parse_output("Here is a story") == "unparseable"
     assert template_followed("How do I <fi>task</fi> with <fi>tool</fi>?", "How do I compress a folder with tar?")
     assert not template_followed("How do I <fi>task</fi> with <fi>tool</fi>?", "2.1.1. Fast Growing IT Needs")
+    assert not template_followed("<fi>error</fi> in <fi>program</fi>", "2.1.1. Fast Growing IT Needs")
+    assert template_followed("<fi>error</fi> in <fi>program</fi>", "Syntax error in shell script")
 
 
 def test_document_window_centres_on_the_chunk():

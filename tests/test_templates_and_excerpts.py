@@ -29,6 +29,7 @@ def test_template_variables_and_complexity():
         ("what effects does <fi>diabetes</fi> have?", "d", "same_as_query"),
         ("what effects does <fi>a condition</fi> have?", "  ", "empty_description"),
         ("", "d", "empty_template"),
+        ("<fi>file transfer</fi>", "d", "no_literal_text"),
     ],
 )
 def test_template_rejections(template, description, reason):
