@@ -74,6 +74,14 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys):
     out = _run(capsys, *cfg_arg, "run")
     assert "materializing" not in out and "0 runs" in out
 
+    # Forced rerun of everything: every LLM request is answered from the request cache.
+    _run(capsys, *cfg_arg, "run", "--all")
+    again = json.loads(_run(capsys, *cfg_arg, "stats", "--json"))["stages"]
+    for stage in ("template_bank", "instruction_pairs", "judged_corpus"):
+        llm = again[stage]["llm"]
+        assert llm["cache_misses"] == 0 and llm["cache_hits"] == llm["requests"], (stage, llm)
+        assert again[stage]["rows_out"] == stages[stage]["rows_out"]
+
     # A new corpus file: only its shard's chain and the training corpus run.
     (tiny_project.parent / "d" / "books" / "zz-new.txt").write_text(
         "Tomatoes need full sun and regular watering. Plant them after the last frost, about sixty "

@@ -137,3 +137,50 @@ def test_document_window_centres_on_the_chunk():
 def test_judge_parsing():
     assert parse_judge("<feedback>ok</feedback>\n<score>4</score>") == (4, "ok")
     assert parse_judge("<feedback>ok</feedback> no score") is None
+
+
+def test_every_match_gets_a_status():
+    import pandas as pd
+
+    from fineinstructions_core.instantiate import instantiate_results
+
+    doc = "To create an archive, tar is the usual tool. Run tar -czf backup.tar.gz folder/ to compress a folder."
+    outputs = {
+        "ok": "Instruction: How do I compress a folder with tar?\nAnswer: <excerpt>Run tar -czf backup.tar.gz "
+        "folder/ to compress a folder.</excerpt>",
+        "null": "Instruction: null",
+        "garbage": "I like turtles",
+        "missing": "Instruction: How do I compress a folder with zip?\nAnswer: <excerpt>Use zip -r</excerpt>",
+        "short": "Instruction: How do I compress a folder with tar?\nAnswer: <excerpt>tar is the usual tool.</excerpt>",
+        "leadin": "Instruction: How do I compress a folder with tar?\nAnswer: Well, as everybody who has ever used a "
+        "shell knows very well: <excerpt>Run tar -czf backup.tar.gz folder/</excerpt>",
+        "offtemplate": "Instruction: Fast Growing IT Needs\nAnswer: <excerpt>Run tar -czf backup.tar.gz folder/ to "
+        "compress a folder.</excerpt>",
+        "unfilled": "Instruction: How do I <fi>task</fi> with tar?\nAnswer: <excerpt>Run tar</excerpt>",
+        "error": None,
+    }
+    matches = pd.DataFrame(
+        {
+            "match_id": list(outputs),
+            "document_id": "d",
+            "template_id": "t",
+            "corpus": "c",
+            "template": "How do I <fi>task</fi> with <fi>tool</fi>?",
+        }
+    )
+    results = [GenerationResult(o or "", error=None if o else "RuntimeError: boom") for o in outputs.values()]
+    out, rej = instantiate_results(matches, {"d": doc}, [0] * len(outputs), results, 0.8, 4000, min_answer_words=6)
+    statuses = dict(zip(rej["match_id"], rej["status"], strict=True)) | dict.fromkeys(out["match_id"], "ok")
+    assert statuses == {
+        "ok": "ok",
+        "null": "null_incompatible",
+        "garbage": "unparseable",
+        "missing": "excerpt_not_found",
+        "short": "answer_too_short",
+        "leadin": "excerpt_ratio_below_min",
+        "offtemplate": "template_not_followed",
+        "unfilled": "unfilled_template",
+        "error": "llm_error",
+    }
+    ((s, e),) = out["excerpt_spans"].iloc[0]
+    assert doc[s:e] == out["answer"].iloc[0] and out["excerpt_ratio"].iloc[0] == 1.0
