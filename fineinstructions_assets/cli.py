@@ -165,6 +165,103 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labelled(args: argparse.Namespace):
+    from fineinstructions_core.evaluation import load_labelled_set
+
+    return load_labelled_set(
+        Path(args.questions),
+        Path(args.paragraphs),
+        args.question_field,
+        args.link_field,
+        args.paragraph_id_field,
+        args.paragraph_text_field,
+        args.impossible_field,
+        args.limit,
+    )
+
+
+def _descriptions(cfg, data, mode: str) -> tuple[list[str], list[bool]]:
+    """raw: the question is its own description; genericized: the configured genericizer's description."""
+    if mode == "raw":
+        return list(data.questions), [True] * len(data.questions)
+    from fineinstructions_core import genericize
+    from fineinstructions_core.stages import ProgressReporter, llm_for
+    from fineinstructions_core.templates import check_template
+
+    spec = cfg.models["genericize"]
+    llm = llm_for(cfg, "genericize")
+    reqs = [genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature) for q in data.questions]
+    results = llm.generate(reqs, progress=ProgressReporter("genericize", lambda m: print(m, file=sys.stderr)))
+    out, keep = [], []
+    for q, r in zip(data.questions, results, strict=True):
+        parsed = None if r.error else genericize.parse_output(r.text)
+        ok = bool(parsed) and check_template(parsed[0], parsed[1], q).ok
+        out.append(parsed[1] if parsed else "")
+        keep.append(ok)
+    return out, keep
+
+
+def cmd_eval_matching(args: argparse.Namespace) -> int:
+    from fineinstructions_core.embed import Embedder
+    from fineinstructions_core.evaluation import evaluate, long_document_coverage
+
+    cfg = load_config(args.config, _overrides(args.set))
+    data = _labelled(args)
+    m = cfg.matching
+    K, sigma, alpha = int(m.get("k", 5)), float(m.get("sigma", 0.05)), float(m.get("alpha", 1.0))
+    embedder = Embedder(cfg.embedder)
+    pooled = embedder.embed_documents(data.texts, K, sigma, alpha)
+    report: dict[str, Any] = {
+        "paragraphs": len(data.pids),
+        "questions": len(data.questions),
+        "threshold": float(m.get("threshold", 0.25)),
+        "k": K,
+        "sigma": sigma,
+        "alpha": alpha,
+    }
+    modes = ["raw", "genericized"] if args.mode == "both" else [args.mode]
+    unanswerable = {}
+    for mode in modes:
+        desc, keep = _descriptions(cfg, data, mode)
+        res = evaluate(data, desc, keep, embedder, pooled, report["threshold"])
+        report[mode] = res["metrics"]
+        unanswerable[mode] = res["unanswerable"]
+    report["unanswerable"] = unanswerable if len(modes) > 1 else unanswerable[modes[0]]
+    if args.long_documents:
+        report["long_documents"] = long_document_coverage(data, embedder, K, sigma, alpha)
+    print(json.dumps(report, indent=None if args.json else 1))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fineinstructions_core.embed import Embedder
+    from fineinstructions_core.evaluation import calibrate_threshold
+
+    cfg = load_config(args.config, _overrides(args.set))
+    data = _labelled(args)
+    m = cfg.matching
+    embedder = Embedder(cfg.embedder)
+    pooled = embedder.embed_documents(
+        data.texts, int(m.get("k", 5)), float(m.get("sigma", 0.05)), float(m.get("alpha", 1.0))
+    )
+    desc, keep = _descriptions(cfg, data, args.mode)
+    result = calibrate_threshold(data, desc, keep, embedder, pooled)
+    result |= {"mode": args.mode, "embedder": embedder.identity, "current_threshold": m.get("threshold")}
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _labelled_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--questions", required=True, help="JSONL of questions, each linked to a paragraph")
+    p.add_argument("--paragraphs", required=True, help="JSONL of paragraphs")
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--link-field", default="pid", help="question field holding its paragraph's id")
+    p.add_argument("--paragraph-id-field", default="pid")
+    p.add_argument("--paragraph-text-field", default="text")
+    p.add_argument("--impossible-field", default="is_impossible", help="true for unanswerable questions")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N paragraphs")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fineinstructions", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="project config (default: FI_CONFIG or ./fineinstructions.yaml)")
@@ -187,11 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pair_id")
     p.set_defaults(func=cmd_lineage)
     sub.add_parser("cache", help="size of the LLM request cache").set_defaults(func=cmd_cache)
+    p = sub.add_parser("eval-matching", help="recall@k and MRR of template matching on labelled questions")
+    _labelled_args(p)
+    p.add_argument("--mode", choices=["raw", "genericized", "both"], default="raw")
+    p.add_argument("--long-documents", action="store_true", help="also measure local-vector coverage of articles")
+    p.add_argument("--json", action="store_true", help="one JSON object on one line")
+    p.set_defaults(func=cmd_eval_matching)
+    p = sub.add_parser("calibrate-threshold", help="propose a similarity threshold from labelled pairs")
+    _labelled_args(p)
+    p.add_argument("--mode", choices=["raw", "genericized"], default="genericized")
+    p.set_defaults(func=cmd_calibrate)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

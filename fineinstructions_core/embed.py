@@ -76,15 +76,19 @@ class _StreamingPool:
 
     def add(self, start: int, h: np.ndarray) -> None:
         """Tokens at 0-based positions start..start+len(h)-1, i.e. t = start+1..."""
-        t = np.arange(start + 1, start + 1 + h.shape[0], dtype=np.float64)
-        w = np.exp(-0.5 * ((t[None, :] - self.centers[:, None]) / (self.sigma * self.T)) ** 2)
         h = h.astype(np.float64)
         self.sum_h += h.sum(axis=0)
+        if self.K == 0:  # plain mean pooling
+            return
+        t = np.arange(start + 1, start + 1 + h.shape[0], dtype=np.float64)
+        w = np.exp(-0.5 * ((t[None, :] - self.centers[:, None]) / (self.sigma * self.T)) ** 2)
         self.sum_wh += w @ h
         self.sum_w += w.sum(axis=1)
 
     def result(self, alpha: float) -> np.ndarray:
         h_bar = self.sum_h / self.T
+        if self.K == 0:
+            return h_bar[None, :]
         local = self.sum_wh / self.sum_w[:, None]
         return np.vstack([h_bar[None, :], (1 - alpha) * h_bar[None, :] + alpha * local])
 
@@ -173,8 +177,10 @@ class Embedder:
             docs.append((len(ids), offsets))
             for s in range(0, len(ids), content):
                 jobs.append((di, s, ids[s : s + content]))
+        if pooling not in ("gaussian", "mean"):
+            raise ValueError(f"pooling must be 'gaussian' or 'mean', not {pooling!r}")
         k_eff = K if pooling == "gaussian" else 0
-        pools = [_StreamingPool(T, max(k_eff, 1), sigma, self.dim) for T, _ in docs]
+        pools = [_StreamingPool(T, k_eff, sigma, self.dim) for T, _ in docs]
         # Windows of similar length batch together; each window's pooling contribution is additive.
         jobs.sort(key=lambda j: len(j[2]))
         for b in range(0, len(jobs), self.batch_size):
@@ -186,8 +192,6 @@ class Embedder:
         result = []
         for (T, offsets), pool in zip(docs, pools, strict=True):
             vecs = pool.result(alpha)
-            if pooling != "gaussian":
-                vecs = vecs[:1]
             centers = [int(T / 2)] + [int(k / (K + 1) * T) for k in range(1, k_eff + 1)]
             chars = [offsets[min(max(c - 1, 0), T - 1)][0] for c in centers]
             result.append(PooledDocument(_normalize(vecs), T, -(-T // content), chars))
