@@ -260,6 +260,8 @@ def _labelled_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paragraph-text-field", default="text")
     p.add_argument("--impossible-field", default="is_impossible", help="true for unanswerable questions")
     p.add_argument("--limit", type=int, default=None, help="use only the first N paragraphs")
+    p.add_argument("--spread", type=int, default=None, help="use N paragraphs evenly spaced over the file")
+    p.add_argument("--max-questions", type=int, default=None, help="a seeded sample of at most N questions")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,25 +50,33 @@ def load_labelled_set(
     impossible_field: str = "is_impossible",
     limit: int | None = None,
     title_field: str = "title",
+    spread: int | None = None,
+    max_questions: int | None = None,
+    seed: int = 0,
 ) -> LabelledSet:
-    """Paragraphs (the first `limit`) and every question linked to them; bad lines are counted, not fatal."""
+    """Paragraphs and the questions linked to them; unusable lines are skipped.
+
+    `limit` keeps the first N paragraphs; `spread` keeps N paragraphs evenly spaced over the file (so a
+    file sorted by article yields many articles); `max_questions` keeps a seeded sample of questions.
+    """
     pids, texts, titles = [], [], []
-    bad = 0
     for line in _lines(paragraphs_path):
         try:
             obj = json.loads(line)
             pid, text = str(obj[paragraph_id_field]), obj[paragraph_text_field]
         except (json.JSONDecodeError, KeyError, TypeError):
-            bad += 1
             continue
         if not isinstance(text, str) or not text.strip():
-            bad += 1
             continue
         pids.append(pid)
         texts.append(text)
         titles.append(obj.get(title_field))
         if limit is not None and len(pids) >= limit:
             break
+    if spread is not None and len(pids) > spread:
+        step = len(pids) // spread
+        keep = list(range(0, len(pids), step))[:spread]
+        pids, texts, titles = [pids[i] for i in keep], [texts[i] for i in keep], [titles[i] for i in keep]
     known = set(pids)
     qs, qp, imp = [], [], []
     for line in _lines(questions_path):
@@ -76,12 +84,15 @@ def load_labelled_set(
             obj = json.loads(line)
             q, pid = obj[question_field], str(obj[link_field])
         except (json.JSONDecodeError, KeyError, TypeError):
-            bad += 1
             continue
         if pid in known and isinstance(q, str) and q.strip():
             qs.append(q)
             qp.append(pid)
             imp.append(bool(obj.get(impossible_field)))
+    if max_questions is not None and len(qs) > max_questions:
+        rng = np.random.default_rng(seed)
+        keep = sorted(rng.choice(len(qs), size=max_questions, replace=False))
+        qs, qp, imp = [qs[i] for i in keep], [qp[i] for i in keep], [imp[i] for i in keep]
     if not pids:
         raise ValueError(f"no usable paragraph in {paragraphs_path} (field {paragraph_text_field!r})")
     if not qs:
