@@ -161,7 +161,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args.set))
-    print(json.dumps(RequestCache(cfg.request_cache_path).size(), indent=1))
+    cache = RequestCache(cfg.request_cache_path)
+    report: dict[str, Any] = {"path": str(cfg.request_cache_path)}
+    if args.prune_older_than is not None or args.prune_model is not None:
+        report["pruned"] = cache.prune(args.prune_older_than, args.prune_model)
+    print(json.dumps(report | cache.size() | {"by_model": cache.models()}, indent=1))
     return 0
 
 
@@ -285,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("lineage", help="query, template, document and scores behind one pair")
     p.add_argument("pair_id")
     p.set_defaults(func=cmd_lineage)
-    sub.add_parser("cache", help="size of the LLM request cache").set_defaults(func=cmd_cache)
+    p = sub.add_parser("cache", help="size of the LLM request cache, per model; prune it")
+    p.add_argument("--prune-older-than", type=float, default=None, metavar="DAYS")
+    p.add_argument("--prune-model", default=None, metavar="IDENTITY", help="drop every answer of one model")
+    p.set_defaults(func=cmd_cache)
     p = sub.add_parser("eval-matching", help="recall@k and MRR of template matching on labelled questions")
     _labelled_args(p)
     p.add_argument("--mode", choices=["raw", "genericized", "both"], default="raw")

@@ -47,7 +47,10 @@ def test_cache_answers_repeats_and_never_stores_failures(tmp_path: Path):
     assert backend.seen == ["a", "b", "fail", "b", "fail"]  # a cached; b has new params; failure retried
     assert again.stats.cache_hits == 1 and again.stats.cache_misses == 2 and again.stats.errors == 1
     assert second[0].cached and second[0].text == "A"
-    assert RequestCache(tmp_path / "c.sqlite").size()["entries"] == 3
+    cache = RequestCache(tmp_path / "c.sqlite")
+    assert cache.size()["entries"] == 3 and cache.models() == {"table-v1": 3}
+    assert cache.prune(older_than_days=1) == 0
+    assert cache.prune(model="table-v1") == 3 and cache.size()["entries"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,27 @@ class RequestCache:
                 [(k, m, r.text, r.prompt_tokens, r.completion_tokens, time.time()) for k, m, r in rows if not r.error],
             )
 
+    def prune(self, older_than_days: float | None = None, model: str | None = None) -> int:
+        """Delete entries older than a number of days and/or of one model identity; returns how many."""
+        clauses, params = [], []
+        if older_than_days is not None:
+            clauses.append("created < ?")
+            params.append(time.time() - older_than_days * 86400)
+        if model is not None:
+            clauses.append("model = ?")
+            params.append(model)
+        if not clauses:
+            raise ValueError("prune needs older_than_days and/or model")
+        with self._connect() as db:
+            n = db.execute(f"DELETE FROM responses WHERE {' AND '.join(clauses)}", params).rowcount
+        with sqlite3.connect(self.path) as db:
+            db.execute("VACUUM")
+        return int(n)
+
+    def models(self) -> dict[str, int]:
+        with self._connect() as db:
+            return dict(db.execute("SELECT model, COUNT(*) FROM responses GROUP BY model").fetchall())
+
     def size(self) -> dict[str, int]:
         with self._connect() as db:
             n, chars = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(text)), 0) FROM responses").fetchone()
