@@ -18,6 +18,8 @@ import yaml
 
 DEFAULT_CONFIG_NAME = "fineinstructions.yaml"
 QUERY_FORMATS = ("jsonl", "json", "tsv", "tsv.gz")
+_MODEL_KEYS = {"backend", "model", "max_new_tokens", "temperature", "batch_size"}
+BACKENDS = ("transformers", "vllm", "openai")
 CORPUS_FORMATS = ("jsonl", "text")
 
 
@@ -60,6 +62,7 @@ class ModelSpec:
     max_new_tokens: int
     temperature: float = 0.0
     batch_size: int = 8
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific: base_url, concurrency, ...
 
 
 @dataclass
@@ -233,12 +236,15 @@ def parse_config(raw: dict[str, Any], root: Path) -> Config:
         spec = (profiles[profile] or {}).get(stage)
         if not spec:
             raise ConfigError(f"model_profiles.{profile}.{stage} is missing")
+        if spec.get("backend", "transformers") not in BACKENDS:
+            raise ConfigError(f"model_profiles.{profile}.{stage}.backend must be one of {BACKENDS}")
         models[stage] = ModelSpec(
             backend=spec.get("backend", "transformers"),
             model=_require(spec, "model", f"model_profiles.{profile}.{stage}"),
             max_new_tokens=int(spec.get("max_new_tokens", 128)),
             temperature=float(spec.get("temperature", 0.0)),
             batch_size=int(spec.get("batch_size", 8)),
+            options={k: v for k, v in spec.items() if k not in _MODEL_KEYS},
         )
     cache_dir = Path(
         os.environ.get("FI_MODEL_CACHE")

@@ -23,9 +23,9 @@ from .ids import content_id
 from .index import build_index, load_index, save_index, search
 from .io.lake import UNPARTITIONED, Accounting, Lake, rejection_counts
 from .io.readers import Record, Rejected, read_corpus_records, read_query_source
+from .llm.backends import make_backend
 from .llm.base import GenerationRequest, GenerationResult, LLMStats
 from .llm.cache import CachedLLM, RequestCache
-from .llm.transformers_backend import make_backend
 from .queries import Decontaminator, build_query_set, load_eval_questions, load_unsafe_patterns
 from .shards import get_shard
 
@@ -77,7 +77,7 @@ def _finish(
 
 def llm_for(cfg: Config, stage: str) -> CachedLLM:
     spec = cfg.models[stage]
-    backend = make_backend(spec.backend, spec.model, cfg.cache_dir, spec.batch_size)
+    backend = make_backend(spec, cfg.cache_dir)
     return CachedLLM(backend, RequestCache(cfg.request_cache_path), chunk_size=max(spec.batch_size * 4, 16))
 
 

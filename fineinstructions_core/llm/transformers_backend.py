@@ -181,9 +181,3 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
         if pos != -1:
             cut = min(cut, pos)
     return text[:cut]
-
-
-def make_backend(backend: str, model: str, cache_dir: Path, batch_size: int) -> TransformersBackend:
-    if backend == "transformers":
-        return TransformersBackend(model, cache_dir, batch_size=batch_size)
-    raise ValueError(f"unknown LLM backend {backend!r} (available: transformers)")
