@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import ModelSpec
 from .base import LLMBackend
+from .models import resolve_llm
 
 
 def make_backend(spec: ModelSpec, cache_dir: Path) -> LLMBackend:
@@ -22,6 +23,9 @@ def make_backend(spec: ModelSpec, cache_dir: Path) -> LLMBackend:
         options = dict(spec.options)
         if "base_url" not in options:
             raise ValueError(f"the openai backend for model {spec.model!r} needs base_url in its model profile")
+        if str(options.get("tokenizer_path", "")).startswith("embedded:"):
+            # Render with the embedded model's own chat template, as the in-process backend does.
+            options["tokenizer_path"] = str(resolve_llm(options["tokenizer_path"], cache_dir)[0])
         from .openai_backend import OpenAIBackend
 
         return OpenAIBackend(model=spec.model, **options)
