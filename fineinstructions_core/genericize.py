@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -114,3 +115,8 @@ def genericize_results(queries: pd.DataFrame, results: list[GenerationResult]) -
     cols = ["template_id", "query_id", "source", "query", "template", "description", "variables", "complexity"]
     rcols = ["query_id", "source", "query", "raw_output", "reason", "detail"]
     return pd.DataFrame(kept, columns=cols), pd.DataFrame(rejected, columns=rcols)
+
+
+def prompt_fingerprint() -> str:
+    """Hash of the prompt text as loaded, so an edited or patched prompt makes this stage stale."""
+    return hashlib.sha256(json.dumps([SYSTEM, FEW_SHOT]).encode()).hexdigest()[:16]

@@ -7,6 +7,8 @@ expanded against the whole document with character offsets kept. Every match get
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -202,3 +204,8 @@ def instantiate_results(
     ]
     rcols = ["pair_id", "match_id", "document_id", "template_id", "corpus", "raw_output", "status", "reason", "detail"]
     return pd.DataFrame(kept, columns=cols), pd.DataFrame(rejected, columns=rcols)
+
+
+def prompt_fingerprint() -> str:
+    """Hash of the prompt text as loaded, so an edited or patched prompt makes this stage stale."""
+    return hashlib.sha256(json.dumps([SYSTEM, FEW_SHOT]).encode()).hexdigest()[:16]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 import pandas as pd
@@ -106,3 +108,8 @@ def judge_results(
     if not rej.empty:
         rej["score"] = rej["score"].astype("Int64")
     return out, rej
+
+
+def prompt_fingerprint() -> str:
+    """Hash of the prompt text as loaded, so an edited or patched prompt makes this stage stale."""
+    return hashlib.sha256(json.dumps([PROMPT, RUBRIC]).encode()).hexdigest()[:16]

@@ -73,6 +73,8 @@ def signature(cfg: Config, asset: str, partition: str, sources: list[str], shard
     h.update(cfg.stage_fingerprint(*_CONFIG[asset]).encode())
     for mod in _CODE[asset]:
         h.update(inspect.getsource(mod).encode())
+        if hasattr(mod, "prompt_fingerprint"):
+            h.update(mod.prompt_fingerprint().encode())
     if asset == "raw_queries":
         for f in cfg.source(partition).files(cfg.root):
             _file_hash(f, h)

@@ -9,6 +9,7 @@ import json
 import duckdb
 
 from fineinstructions_assets.cli import main
+from fineinstructions_core import judge
 from fineinstructions_core.config import load_config
 from fineinstructions_core.io.lake import Lake
 
@@ -18,7 +19,7 @@ def _run(capsys, *args: str) -> str:
     return capsys.readouterr().out
 
 
-def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys):
+def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch):
     cfg_arg = ["--config", str(tiny_project)]
     out = _run(capsys, *cfg_arg, "run")
     assert "materializing training_corpus" in out
@@ -94,3 +95,18 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys):
         "materializing documents, document_index, template_matches, instruction_pairs, judged_corpus [books-00001]",
         "materializing training_corpus",
     ], out
+
+    # Only the judge prompt changes: only judge requests are generated again, nothing upstream reruns.
+    before = json.loads(_run(capsys, *cfg_arg, "stats", "--json"))["stages"]
+    monkeypatch.setattr(judge, "PROMPT", judge.PROMPT.replace("Please accurately evaluate", "Evaluate carefully"))
+    out = _run(capsys, *cfg_arg, "run")
+    launched = [line for line in out.splitlines() if line.startswith("materializing")]
+    assert sorted(launched) == sorted(
+        [f"materializing judged_corpus [{s}]" for s in ("debian-00000", "books-00000", "books-00001")]
+        + ["materializing training_corpus"]
+    ), out
+    final = json.loads(_run(capsys, *cfg_arg, "stats", "--json"))["stages"]
+    judged = final["judged_corpus"]["llm"]
+    assert judged["requests"] == final["judged_corpus"]["rows_in"] == judged["cache_misses"]
+    for stage in ("template_bank", "instruction_pairs"):
+        assert final[stage] == before[stage]  # not rerun: same accounting, no new requests
