@@ -20,7 +20,7 @@ from . import budget, genericize, instantiate, judge, match
 from .config import Config
 from .embed import Embedder
 from .ids import content_id
-from .index import build_index, load_index, save_index, search
+from .index import build_index_from_batches, describe_index, load_index, resolve_factory, save_index, search
 from .io.lake import UNPARTITIONED, Accounting, Lake, rejection_counts
 from .io.readers import Record, Rejected, read_corpus_records, read_query_source
 from .llm.backends import make_backend
@@ -177,9 +177,26 @@ def template_index(cfg: Config, sources: list[str], logger: Logger = log.info) -
     bank = bank[~dup].reset_index(drop=True)
     m = cfg.matching
     embedder = Embedder(cfg.embedder)
-    logger(f"template_index: embedding {len(bank)} descriptions")
-    vectors = embedder.embed_texts(list(bank["description"]))
-    index = build_index(vectors, int(m.get("exact_below", 100_000)), m.get("index_factory"), int(m.get("nprobe", 32)))
+    descriptions = list(bank["description"])
+    n, batch = len(descriptions), int(m.get("embed_batch", 4096))
+    exact_below, factory = int(m.get("exact_below", 100_000)), m.get("index_factory")
+    spec = resolve_factory(n, embedder.dim, exact_below, factory)
+    train_sample = None
+    if spec != "Flat":
+        # The bank is sorted by source: train the quantizer on a random sample, not on the first rows.
+        rng = np.random.default_rng(0)
+        pick = np.sort(rng.choice(n, size=min(n, int(m.get("train_size", 131_072))), replace=False))
+        train_sample = embedder.embed_texts([descriptions[i] for i in pick])
+
+    def batches():
+        """Embeddings are produced and added batch by batch; the whole bank is never held twice."""
+        for i in range(0, n, batch):
+            yield embedder.embed_texts(descriptions[i : i + batch])
+            logger(f"template_index: {min(i + batch, n)}/{n} descriptions embedded")
+
+    index = build_index_from_batches(
+        batches(), embedder.dim, n, exact_below, factory, int(m.get("nprobe", 16)), train_sample=train_sample
+    )
     save_index(index, cfg.lake_dir / "template_index" / "index.faiss")
     bank = bank.assign(index_row=np.arange(len(bank)))
     return _finish(
@@ -190,8 +207,8 @@ def template_index(cfg: Config, sources: list[str], logger: Logger = log.info) -
         rej[["template_id", "source", "reason", "detail"]],
         len(bank) + len(rej),
         "templates",
-        index_type=type(index).__name__,
-        dim=int(vectors.shape[1]),
+        index=describe_index(index),
+        factory=spec,
         embedder=embedder.identity,
     )
 
@@ -295,8 +312,8 @@ def template_matches(cfg: Config, shard_key: str, logger: Logger = log.info) -> 
     lake = Lake(cfg.lake_dir)
     docs = lake.read("document_index", shard_key)
     templates = lake.read("template_index").sort_values("index_row").reset_index(drop=True)
-    index = load_index(cfg.lake_dir / "template_index" / "index.faiss")
     m = cfg.matching
+    index = load_index(cfg.lake_dir / "template_index" / "index.faiss", nprobe=int(m.get("nprobe", 16)))
     threshold = float(m.get("threshold", 0.3))
     k = int(m.get("candidates_per_vector", 32))
     if docs.empty:
