@@ -23,7 +23,7 @@ from fineinstructions_core.io.catalog import refresh_catalog
 from fineinstructions_core.io.lake import UNPARTITIONED
 from fineinstructions_core.stages import StageResult, run_stage
 
-from .partitions import corpus_shards, query_sources
+from .partitions import active_partitions, corpus_shards, query_sources
 from .resources import FineInstructionsResource
 
 # asset -> (id column, required columns, minimum healthy yield out/in)
@@ -145,9 +145,7 @@ def _report(
 def _run(context: AssetExecutionContext, name: str, fi: FineInstructionsResource) -> MaterializeResult:
     cfg = fi.load()
     partition = context.partition_key if context.has_partition_key else UNPARTITIONED
-    instance = context.instance
-    sources = list(instance.get_dynamic_partitions(query_sources.name))
-    shards = list(instance.get_dynamic_partitions(corpus_shards.name))
+    sources, shards = active_partitions(cfg, context.instance)
     result = run_stage(cfg, name, partition, sources, shards, logger=context.log.info)
     return _report(context, name, result, fi)
 

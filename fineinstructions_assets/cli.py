@@ -50,19 +50,27 @@ def _instance(cfg_root: Path):
     return DagsterInstance.get()
 
 
+def _active_accounting(cfg) -> list[dict[str, Any]]:
+    """Accounting of the partitions the config implies (removed sources and corpora are left out)."""
+    from fineinstructions_core.shards import load_manifest
+
+    keys = {s.name for s in cfg.query_sources} | {UNPARTITIONED}
+    keys |= {e["key"] for c in cfg.corpora for e in load_manifest(cfg, c.name)["shards"]}
+    return [rec for rec in Lake(cfg.lake_dir).all_accounting() if rec["partition"] in keys]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dagster import AssetKey, materialize
 
     from .assets import ALL_ASSETS
-    from .partitions import register_partitions
+    from .partitions import active_partitions, register_partitions
     from .resources import FineInstructionsResource
 
     overrides = _overrides(args.set)
     cfg = load_config(args.config, overrides)
     instance = _instance(cfg.root)
     added = register_partitions(cfg, instance)
-    sources = list(instance.get_dynamic_partitions("query_sources"))
-    shards = list(instance.get_dynamic_partitions("corpus_shards"))
+    sources, shards = active_partitions(cfg, instance)
     print(
         f"partitions: {len(sources)} query sources, {len(shards)} corpus shards "
         f"(new: {sum(len(v) for v in added.values())})",
@@ -118,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         launch(["training_corpus"], None)
     elapsed = time.perf_counter() - started
     refresh_catalog(cfg.catalog_path, cfg.lake_dir)
-    summary = stats(Lake(cfg.lake_dir).all_accounting())
+    summary = stats(_active_accounting(cfg))
     print(f"pipeline finished: {runs} runs in {elapsed:.1f}s; catalog at {cfg.catalog_path}")
     for name, s in summary.items():
         rej = ", ".join(f"{k}={v}" for k, v in s["rejected_by_reason"].items()) or "-"
@@ -139,7 +147,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args.set))
-    summary = stats(Lake(cfg.lake_dir).all_accounting())
+    summary = stats(_active_accounting(cfg))
     if args.json:
         print(json.dumps({"stages": summary, "all_balanced": all(s["balanced"] for s in summary.values())}, indent=1))
     else:

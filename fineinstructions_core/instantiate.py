@@ -82,7 +82,7 @@ def build_request(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         stop=("<<<", "\n\n\n"),
-        constraint=("excerpt_copy", window) if constrain else None,
+        constraint=("excerpt_copy", window, template) if constrain else None,
         assistant_prefix="Instruction:" if constrain else "",
     )
 

@@ -94,6 +94,42 @@ def test_excerpt_grammar_copies_the_source_verbatim(tokenizer):
     assert c.allowed() == [eos]
 
 
+def test_template_grammar_forces_the_templates_own_words(tokenizer):
+    source = "To compress a folder, run tar -czf backup.tar.gz folder/ in a terminal."
+    eos = tokenizer.eos_token_id
+    c = ExcerptCopy(tokenizer, source, eos, template="How do I <fi>task</fi> with <fi>tool</fi>?")
+    words = tokenizer.encode(" How do I", add_special_tokens=False)
+    assert set(c.allowed()) == {words[0], tokenizer.encode(" null", add_special_tokens=False)[0]}
+    for t in words:  # the literal is forced token by token
+        assert c.allowed()[0] == t
+        c.advance(t)
+    assert c.allowed() is None and eos in c.banned()  # the slot is the model's
+    with_id = tokenizer.encode(" with", add_special_tokens=False)[0]
+    assert with_id in c.banned()  # an empty slot is not allowed
+    _feed(c, tokenizer.encode(" compress a folder with", add_special_tokens=False))
+    _feed(c, tokenizer.encode(" tar", add_special_tokens=False))
+    forced = []
+    while c.forced:
+        forced.append(c.allowed()[0])
+        c.advance(forced[-1])
+    assert c.allowed() is None  # "?" was not reached: the model may go on with the second slot
+    _feed(c, tokenizer.encode("?", add_special_tokens=False))
+    text = []
+    while c.forced:
+        text.append(c.allowed()[0])
+        c.advance(text[-1])
+    assert tokenizer.decode(text) == "\nAnswer: <excerpt>"
+    assert "How do I compress a folder with tar?" in tokenizer.decode(c.instruction)
+
+
+def test_template_grammar_allows_null(tokenizer):
+    eos = tokenizer.eos_token_id
+    c = ExcerptCopy(tokenizer, "Some text.", eos, template="when did <fi>event</fi> start")
+    null = tokenizer.encode(" null", add_special_tokens=False)
+    _feed(c, null)
+    assert c.allowed() == [eos]
+
+
 def test_excerpt_grammar_allows_null(tokenizer):
     c = ExcerptCopy(tokenizer, "Some text.", tokenizer.eos_token_id)
     _feed(c, tokenizer.encode(" null", add_special_tokens=False))

@@ -13,6 +13,7 @@ backend applies them as a logits processor.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -42,9 +43,12 @@ class Constraint(Protocol):
 class ExcerptCopy:
     """The instantiation grammar: `Instruction: <one line>\nAnswer: <excerpt>COPY</excerpt>` or `null`.
 
-    Phases: instruction (free text on one line, at most `max_instruction_tokens`), then the forced
-    `Answer: <excerpt>`, then a verbatim copy of the source (token by token, following every place in
-    the source the copy so far could come from), then the forced `</excerpt>` and end of text.
+    Phases: the instruction, then the forced `Answer: <excerpt>`, then a verbatim copy of the source
+    (token by token, following every place in the source the copy so far could come from), then the forced
+    `</excerpt>` and end of text. Given the template, the instruction is the template itself: its own words
+    are forced and the model writes only the `<fi>` slots (each ends where the model starts the next
+    literal, or after `max_slot_tokens`); its first token may instead begin `null`. Without a template the
+    instruction is one free line of at most `max_instruction_tokens`.
     """
 
     OPEN = "<excerpt>"
@@ -57,6 +61,8 @@ class ExcerptCopy:
         eos_id: int,
         max_excerpt_tokens: int = 80,
         max_instruction_tokens: int = 48,
+        template: str | None = None,
+        max_slot_tokens: int = 10,
     ):
         self.tok = tokenizer
         self.eos_id = eos_id
@@ -77,6 +83,44 @@ class ExcerptCopy:
         self.copied = 0
         self.forced: list[int] = []
         self.after_forced = "excerpt"
+        self.max_slot_tokens = max_slot_tokens
+        self.segments = _template_segments(template) if template else None
+        self.seg = 0
+        self.slot_tokens = 0
+        self.in_slot = False
+        self.first = True
+        self.null_ids = tokenizer.encode(" null", add_special_tokens=False)
+        self.newlines = _newline_ids(tokenizer)
+        if self.segments is not None:
+            self._next_segment()
+
+    def _literal_ids(self, i: int) -> list[int]:
+        text = self.segments[i][1].rstrip()
+        return self.tok.encode(text if i > 0 else " " + text.lstrip(), add_special_tokens=False)
+
+    def _next_segment(self) -> None:
+        """Enter segment `self.seg`: force a literal, open a slot, or finish the instruction."""
+        self.in_slot = False
+        if self.seg >= len(self.segments):
+            self._force("\nAnswer: " + self.OPEN, then="excerpt")
+            return
+        kind, _ = self.segments[self.seg]
+        if kind == "lit":
+            ids = self._literal_ids(self.seg)
+            self.seg += 1
+            if ids:
+                self.forced, self.after_forced = ids, "segment"
+            else:
+                self._next_segment()
+        else:
+            self.seg += 1
+            self.in_slot, self.slot_tokens = True, 0
+
+    def _next_literal_first(self) -> int | None:
+        if self.seg < len(self.segments) and self.segments[self.seg][0] == "lit":
+            ids = self._literal_ids(self.seg)
+            return ids[0] if ids else None
+        return None
 
     def _spaceless(self, token_id: int) -> int | None:
         text = self.tok.decode([token_id])
@@ -87,6 +131,8 @@ class ExcerptCopy:
 
     def allowed(self) -> list[int] | None:
         if self.forced:
+            if self.first and self.segments is not None and self.after_forced == "segment":
+                return [self.forced[0], self.null_ids[0]]  # start the template, or answer null
             return [self.forced[0]]
         if self.phase == "done":
             return [self.eos_id]
@@ -100,9 +146,18 @@ class ExcerptCopy:
         return list(nxt) + [self.close_ids[0]]
 
     def banned(self) -> list[int]:
-        if self.phase == "instruction" and self.tok.decode(self.instruction).strip().lower() != "null":
-            return [self.eos_id]
-        return []
+        if self.phase != "instruction":
+            return []
+        if self.segments is None:
+            return [] if self.tok.decode(self.instruction).strip().lower() == "null" else [self.eos_id]
+        banned = [self.eos_id]
+        last_slot = self.seg >= len(self.segments)
+        if self.in_slot and not last_slot:
+            banned += self.newlines  # a slot is filled on the instruction's own line
+        nxt = self._next_literal_first()
+        if self.in_slot and self.slot_tokens == 0 and nxt is not None:
+            banned.append(nxt)  # no empty slot
+        return banned
 
     def _force(self, text: str, then: str) -> None:
         self.forced = self.tok.encode(text, add_special_tokens=False)
@@ -110,11 +165,48 @@ class ExcerptCopy:
 
     def advance(self, token_id: int) -> None:
         if self.forced:
+            if self.first and self.segments is not None and token_id != self.forced[0]:
+                self.first = False  # the model chose `null` over the template
+                self.forced, self.after_forced = self.null_ids[1:], "done"
+                if not self.forced:
+                    self.phase = "done"
+                return
+            self.first = False
+            if self.phase == "instruction":
+                self.instruction.append(token_id)
             self.forced.pop(0)
             if not self.forced:
+                if self.after_forced == "segment":
+                    self._next_segment()
+                    return
                 self.phase = self.after_forced
                 if self.phase == "excerpt":
                     self.positions, self.copied = None, 0
+            return
+        if self.phase == "instruction" and self.segments is not None:
+            if self.first and token_id == self.null_ids[0]:
+                self.first = False  # a template that starts with a slot: `null` is still an answer
+                self.forced, self.after_forced = self.null_ids[1:], "done"
+                if not self.forced:
+                    self.phase = "done"
+                return
+            self.first = False
+            self.instruction.append(token_id)
+            self.slot_tokens += 1
+            nxt = self._next_literal_first()
+            last_slot = self.seg >= len(self.segments)
+            if nxt is not None and token_id == nxt and self.slot_tokens > 1:
+                # The model began the template's next words: the slot is filled; force the rest of them.
+                ids = self._literal_ids(self.seg)
+                self.seg += 1
+                self.in_slot = False
+                self.forced, self.after_forced = ids[1:], "segment"
+                if not self.forced:
+                    self._next_segment()
+            elif last_slot and "\n" in self.tok.decode([token_id]):
+                self._force("Answer: " + self.OPEN, then="excerpt")
+            elif self.slot_tokens >= self.max_slot_tokens:
+                self._next_segment()
             return
         if self.phase == "instruction":
             before = self.tok.decode(self.instruction).strip()
@@ -212,12 +304,39 @@ class ScoreChoice:
         self.after_forced = then
 
 
+_TAG = re.compile(r"<fi>.*?</fi>", re.DOTALL)
+_NEWLINES: dict[int, list[int]] = {}
+
+
+def _template_segments(template: str) -> list[tuple[str, str]]:
+    """'how to <fi>x</fi> fast' -> [('lit', 'how to '), ('slot', ''), ('lit', ' fast')]."""
+    out: list[tuple[str, str]] = []
+    pos = 0
+    for m in _TAG.finditer(template):
+        if template[pos : m.start()].strip():
+            out.append(("lit", template[pos : m.start()]))
+        out.append(("slot", ""))
+        pos = m.end()
+    if template[pos:].strip():
+        out.append(("lit", template[pos:]))
+    return out
+
+
+def _newline_ids(tokenizer: Any) -> list[int]:
+    """Every vocabulary token that contains a line break (computed once per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _NEWLINES:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+        _NEWLINES[key] = [i for i in range(size) if "\n" in tokenizer.decode([i])]
+    return _NEWLINES[key]
+
+
 def build_constraint(spec: tuple[str, ...] | None, tokenizer: Any, eos_id: int) -> Constraint | None:
     if not spec:
         return None
     kind, *args = spec
     if kind == "excerpt_copy":
-        return ExcerptCopy(tokenizer, args[0], eos_id)
+        return ExcerptCopy(tokenizer, args[0], eos_id, template=args[1] if len(args) > 1 else None)
     if kind == "score":
         return ScoreChoice(tokenizer, args, eos_id)
     raise ValueError(f"unknown decoding constraint {kind!r}")
