@@ -189,6 +189,8 @@ def _labelled(args: argparse.Namespace):
         args.paragraph_text_field,
         args.impossible_field,
         args.limit,
+        spread=args.spread,
+        max_questions=args.max_questions,
     )
 
 

@@ -132,3 +132,19 @@ def test_eval_matching_cli_on_any_pair_of_files(tmp_path: Path, capsys):
         )
         == 2
     )
+
+
+def test_spread_and_question_sample(tmp_path: Path):
+    from fineinstructions_core.evaluation import load_labelled_set
+
+    paras = tmp_path / "p.jsonl"
+    ques = tmp_path / "q.jsonl"
+    paras.write_text("\n".join(json.dumps({"pid": f"p{i}", "text": f"text {i}"}) for i in range(10)) + "\n{bad\n")
+    ques.write_text(
+        "\n".join(json.dumps({"question": f"q{i}-{j}", "pid": f"p{i}"}) for i in range(10) for j in range(3)) + "\n"
+    )
+    data = load_labelled_set(ques, paras, spread=5, max_questions=4)
+    assert data.pids == ["p0", "p2", "p4", "p6", "p8"]
+    assert len(data.questions) == 4 and set(data.question_pids) <= set(data.pids)
+    again = load_labelled_set(ques, paras, spread=5, max_questions=4)
+    assert again.questions == data.questions  # seeded
