@@ -158,7 +158,7 @@ def test_retries_exhausted_give_error_results(model_dir: Path) -> None:
 
 def test_chat_mode_without_tokenizer() -> None:
     with ScriptedServer([{"json": _chat("<feedback>fine.</feedback>")}, {"json": _chat(" short")}]) as srv:
-        backend = _fast(srv.url, identity_model="smol@v1")
+        backend = _fast(srv.url, identity_model="smol@v1", concurrency=1)  # scripted replies go in order
         reqs = [_req("judge this", assistant_prefix="<feedback>"), _req("x", assistant_prefix="<feedback>")]
         results = backend.generate(reqs)
     assert [r.text for r in results] == ["<feedback>fine.</feedback>", "<feedback> short"]  # never doubled
