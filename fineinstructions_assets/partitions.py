@@ -34,10 +34,10 @@ def register_partitions(cfg: Config, instance: DagsterInstance) -> dict[str, lis
 def active_partitions(cfg: Config, instance: DagsterInstance) -> tuple[list[str], list[str]]:
     """Registered keys that the config still implies: a source or corpus removed from the config keeps
     its partitions (and their history) in the instance, but no longer feeds the index or the corpus."""
-    from fineinstructions_core.shards import load_manifest
+    from fineinstructions_core.shards import manifest_shard_keys
 
     wanted_sources = {s.name for s in cfg.query_sources}
-    wanted_shards = {e["key"] for c in cfg.corpora for e in load_manifest(cfg, c.name)["shards"]}
+    wanted_shards = manifest_shard_keys(cfg)
     sources = [k for k in instance.get_dynamic_partitions(query_sources.name) if k in wanted_sources]
     shards = [k for k in instance.get_dynamic_partitions(corpus_shards.name) if k in wanted_shards]
     return sources, shards

@@ -61,6 +61,20 @@ def template_followed(template: str, instruction: str, min_share: float = 0.5) -
     return len(literal & words) / len(literal) >= min_share
 
 
+PAIR_COLUMNS = [
+    "pair_id",
+    "match_id",
+    "document_id",
+    "template_id",
+    "corpus",
+    "instruction",
+    "answer",
+    "excerpt_spans",
+    "excerpt_ratio",
+    "status",
+    "raw_output",
+]
+
 _REFERS = re.compile(r"\b(the|this|that) (document|text|passage|excerpt|article)\b", re.IGNORECASE)
 
 
@@ -189,21 +203,8 @@ def instantiate_results(
                 "status": "ok",
             }
         )
-    cols = [
-        "pair_id",
-        "match_id",
-        "document_id",
-        "template_id",
-        "corpus",
-        "instruction",
-        "answer",
-        "excerpt_spans",
-        "excerpt_ratio",
-        "status",
-        "raw_output",
-    ]
     rcols = ["pair_id", "match_id", "document_id", "template_id", "corpus", "raw_output", "status", "reason", "detail"]
-    return pd.DataFrame(kept, columns=cols), pd.DataFrame(rejected, columns=rcols)
+    return pd.DataFrame(kept, columns=PAIR_COLUMNS), pd.DataFrame(rejected, columns=rcols)
 
 
 def prompt_fingerprint() -> str:

@@ -126,3 +126,8 @@ def get_shard(cfg: Config, key: str) -> Shard:
 
 def plan_all_shards(cfg: Config) -> list[Shard]:
     return [s for c in cfg.corpora for s in plan_shards(cfg, c)]
+
+
+def manifest_shard_keys(cfg: Config) -> set[str]:
+    """Shard keys of the corpora the config lists now (a removed corpus's shards are not among them)."""
+    return {e["key"] for c in cfg.corpora for e in load_manifest(cfg, c.name)["shards"]}

@@ -407,22 +407,9 @@ def training_corpus(cfg: Config, shards: list[str], logger: Logger = log.info) -
     lake = Lake(cfg.lake_dir)
     judged = lake.read_all("judged_corpus", shards)
     if judged.empty:
-        judged = pd.DataFrame(
-            columns=[
-                "pair_id",
-                "match_id",
-                "document_id",
-                "template_id",
-                "corpus",
-                "instruction",
-                "answer",
-                "excerpt_spans",
-                "excerpt_ratio",
-                "score",
-                "feedback",
-                "accepted",
-            ]
-        )
+        # The judge's own output shape, so an empty training corpus keeps its schema.
+        judged, _ = judge.judge_results(pd.DataFrame(columns=instantiate.PAIR_COLUMNS), [], 4)
+
     doc_index = lake.read_all("document_index", shards)
     doc_tokens = dict(zip(doc_index.get("document_id", []), doc_index.get("n_tokens", []), strict=True))
     embedder_tok = Embedder(cfg.embedder).tokenizer

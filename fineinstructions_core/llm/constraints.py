@@ -91,12 +91,18 @@ class ExcerptCopy:
         self.first = True
         self.null_ids = tokenizer.encode(" null", add_special_tokens=False)
         self.newlines = _newline_ids(tokenizer)
+        # Each literal is tokenized once here, not at every decoding step.
+        self.literal_ids = [
+            tokenizer.encode(text.rstrip() if i > 0 else " " + text.strip(), add_special_tokens=False)
+            if kind == "lit"
+            else []
+            for i, (kind, text) in enumerate(self.segments or [])
+        ]
         if self.segments is not None:
             self._next_segment()
 
     def _literal_ids(self, i: int) -> list[int]:
-        text = self.segments[i][1].rstrip()
-        return self.tok.encode(text if i > 0 else " " + text.lstrip(), add_special_tokens=False)
+        return self.literal_ids[i]
 
     def _next_segment(self) -> None:
         """Enter segment `self.seg`: force a literal, open a slot, or finish the instruction."""
@@ -109,7 +115,7 @@ class ExcerptCopy:
             ids = self._literal_ids(self.seg)
             self.seg += 1
             if ids:
-                self.forced, self.after_forced = ids, "segment"
+                self.forced, self.after_forced = list(ids), "segment"
             else:
                 self._next_segment()
         else:
