@@ -204,7 +204,10 @@ def _descriptions(cfg, data, mode: str) -> tuple[list[str], list[bool]]:
 
     spec = cfg.models["genericize"]
     llm = llm_for(cfg, "genericize")
-    reqs = [genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature) for q in data.questions]
+    reqs = [
+        genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature, spec.prompt_format)
+        for q in data.questions
+    ]
     results = llm.generate(reqs, progress=ProgressReporter("genericize", lambda m: print(m, file=sys.stderr)))
     out, keep = [], []
     for q, r in zip(data.questions, results, strict=True):

@@ -18,8 +18,16 @@ import yaml
 
 DEFAULT_CONFIG_NAME = "fineinstructions.yaml"
 QUERY_FORMATS = ("jsonl", "json", "tsv", "tsv.gz")
-_MODEL_KEYS = {"backend", "model", "max_new_tokens", "temperature", "batch_size"}
+_MODEL_KEYS = {"backend", "model", "max_new_tokens", "temperature", "batch_size", "prompt_format", "constrained"}
 BACKENDS = ("transformers", "vllm", "openai")
+# A stage's prompt format belongs to the model family it talks to, not to the backend that runs it:
+# the first one is the default (the few-shot prompts the embedded model needs); "fineinstructions" is
+# the bare input framing the released fineinstructions/* models were trained on.
+PROMPT_FORMATS = {
+    "genericize": ("fewshot", "fineinstructions"),
+    "instantiate": ("fewshot", "fineinstructions"),
+    "judge": ("flow_judge",),
+}
 CORPUS_FORMATS = ("jsonl", "text")
 
 
@@ -62,6 +70,8 @@ class ModelSpec:
     max_new_tokens: int
     temperature: float = 0.0
     batch_size: int = 8
+    prompt_format: str = ""  # "" = the stage's default format
+    constrained: bool | None = None  # None = the stage section's constrained_* switch
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific: base_url, concurrency, ...
 
 
@@ -115,10 +125,10 @@ class Config:
 
     def stage_fingerprint(self, *sections: str) -> str:
         """A hash of the config sections a stage depends on, recorded with each output."""
-        blob = json.dumps({s: self._section(s) for s in sections}, sort_keys=True, default=str)
+        blob = json.dumps({s: self.section(s) for s in sections}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def _section(self, path: str) -> Any:
+    def section(self, path: str) -> Any:
         """A dotted config path; `profile.` stands for the active model profile."""
         node: Any = self.raw
         parts = path.split(".")
@@ -238,12 +248,19 @@ def parse_config(raw: dict[str, Any], root: Path) -> Config:
             raise ConfigError(f"model_profiles.{profile}.{stage} is missing")
         if spec.get("backend", "transformers") not in BACKENDS:
             raise ConfigError(f"model_profiles.{profile}.{stage}.backend must be one of {BACKENDS}")
+        fmt = spec.get("prompt_format") or PROMPT_FORMATS[stage][0]
+        if fmt not in PROMPT_FORMATS[stage]:
+            raise ConfigError(
+                f"model_profiles.{profile}.{stage}.prompt_format {fmt!r} is not one of {PROMPT_FORMATS[stage]}"
+            )
         models[stage] = ModelSpec(
             backend=spec.get("backend", "transformers"),
             model=_require(spec, "model", f"model_profiles.{profile}.{stage}"),
             max_new_tokens=int(spec.get("max_new_tokens", 128)),
             temperature=float(spec.get("temperature", 0.0)),
             batch_size=int(spec.get("batch_size", 8)),
+            prompt_format=fmt,
+            constrained=None if spec.get("constrained") is None else bool(spec["constrained"]),
             options={k: v for k, v in spec.items() if k not in _MODEL_KEYS},
         )
     cache_dir = Path(

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .llm.models import EMBEDDED_EMBEDDER, embedded_embedder_dir, file_identity
+from .llm.models import EMBEDDED_EMBEDDER, embedded_embedder_dir, file_identity, resolve_local_or_hub
 
 log = logging.getLogger(__name__)
 _LOADED: dict[str, tuple[Any, Any]] = {}
@@ -97,7 +97,8 @@ class Embedder:
     """A transformers encoder used for template descriptions (mean pooling) and documents (Gaussian)."""
 
     def __init__(self, model: str = EMBEDDED_EMBEDDER, batch_size: int = 32, window: int | None = None):
-        path = embedded_embedder_dir() if model in (EMBEDDED_EMBEDDER, "embedded:all-MiniLM-L6-v2") else Path(model)
+        embedded = model in (EMBEDDED_EMBEDDER, "embedded:all-MiniLM-L6-v2")
+        path = embedded_embedder_dir() if embedded else resolve_local_or_hub(model)[0]
         self.path = path
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         self.identity = f"{model}@{file_identity(weights[0])}" if weights else model

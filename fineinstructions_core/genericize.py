@@ -48,7 +48,20 @@ FEW_SHOT: list[tuple[str, str, str]] = [
 ]
 
 
-def build_request(query: str, model: str, max_new_tokens: int, temperature: float) -> GenerationRequest:
+def build_request(
+    query: str, model: str, max_new_tokens: int, temperature: float, prompt_format: str = "fewshot"
+) -> GenerationRequest:
+    """`fewshot` teaches a general chat model the task; `fineinstructions` is the released genericizer's
+    own input: the bare query as the user turn, answered with a JSON object."""
+    if prompt_format == "fineinstructions":
+        return GenerationRequest(
+            model=model,
+            messages=(ChatMessage("user", query),),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+    if prompt_format != "fewshot":
+        raise ValueError(f"unknown genericize prompt format {prompt_format!r}")
     messages = [ChatMessage("system", SYSTEM)]
     for q, t, d in FEW_SHOT:
         messages.append(ChatMessage("user", f"Query: {q}"))
@@ -71,12 +84,12 @@ _DOC_LINE = re.compile(
 
 def parse_output(text: str) -> tuple[str, str] | None:
     """Accepts the two-line format or the released genericizer's JSON; None when neither parses."""
-    stripped = text.strip()
+    stripped = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
     if stripped.startswith("{"):
         try:
-            obj = json.loads(stripped)
-            return str(obj["template"]), str(obj["compatible_document_description"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            obj, _ = json.JSONDecoder().raw_decode(stripped)  # trailing text after the object is ignored
+            return str(obj["template"]), str(obj.get("compatible_document_description") or "")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
     t = _TEMPLATE_LINE.search(text)
     d = _DOC_LINE.search(text)

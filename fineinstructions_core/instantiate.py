@@ -83,8 +83,30 @@ def _user_turn(template: str, document: str) -> str:
 
 
 def build_request(
-    template: str, window: str, model: str, max_new_tokens: int, temperature: float, constrain: bool = True
+    template: str,
+    window: str,
+    model: str,
+    max_new_tokens: int,
+    temperature: float,
+    constrain: bool = True,
+    prompt_format: str = "fewshot",
 ) -> GenerationRequest:
+    """`fewshot` teaches a general chat model the task (and is what the excerpt grammar steers);
+    `fineinstructions` is the released instantiator's own input: the paper's framing alone."""
+    if prompt_format == "fineinstructions":
+        if constrain:
+            raise ValueError(
+                "the excerpt grammar steers the few-shot 'Instruction:/Answer:' format; set constrained: false "
+                "for an instantiator using the fineinstructions prompt format"
+            )
+        return GenerationRequest(
+            model=model,
+            messages=(ChatMessage("user", _user_turn(template, window)),),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+    if prompt_format != "fewshot":
+        raise ValueError(f"unknown instantiate prompt format {prompt_format!r}")
     messages = [ChatMessage("system", SYSTEM)]
     for t, d, a in FEW_SHOT:
         messages.append(ChatMessage("user", _user_turn(t, d)))
@@ -123,8 +145,26 @@ class Parsed:
 
 
 def parse_output(text: str) -> Parsed | None | str:
-    """Parsed pair, None for a `null` answer, or a string naming why it did not parse."""
-    stripped = re.sub(r"^\s*Instruction:\s*(?=null\b)", "", text.strip(), flags=re.IGNORECASE)
+    """Parsed pair, None for a `null` answer, or a string naming why it did not parse.
+
+    Reads both the few-shot format (`Instruction: ...` / `Answer: ...`) and a JSON object with
+    `instruction` and `answer` (JSON `null` for a template that does not fit), as a released model writes.
+    """
+    stripped = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    if stripped.startswith("{"):
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(stripped)
+        except json.JSONDecodeError:
+            return "unparseable"
+        if not isinstance(obj, dict):
+            return "unparseable"
+        instruction, answer = obj.get("instruction"), obj.get("answer")
+        if instruction is None and answer is None:
+            return None
+        if not isinstance(instruction, str) or not isinstance(answer, str) or not instruction.strip():
+            return "unparseable"
+        return Parsed(instruction.strip(), answer.strip()) if answer.strip() else "unparseable"
+    stripped = re.sub(r"^\s*Instruction:\s*(?=null\b)", "", stripped, flags=re.IGNORECASE)
     if re.fullmatch(r"[`\"']?null[`\"'.]?", stripped.strip(), re.IGNORECASE):
         return None
     m = re.search(r"Instruction:\s*(.+?)\s*\n\s*Answer:\s*(.+)", stripped, re.DOTALL | re.IGNORECASE)

@@ -58,8 +58,16 @@ _FEEDBACK = re.compile(r"<feedback>(.*?)</feedback>", re.DOTALL)
 
 
 def build_request(
-    instruction: str, answer: str, model: str, max_new_tokens: int, constrain: bool = True
+    instruction: str,
+    answer: str,
+    model: str,
+    max_new_tokens: int,
+    constrain: bool = True,
+    prompt_format: str = "flow_judge",
 ) -> GenerationRequest:
+    """Flow Judge's own format, for Flow Judge itself and for any stand-in judge."""
+    if prompt_format != "flow_judge":
+        raise ValueError(f"unknown judge prompt format {prompt_format!r}")
     messages = [ChatMessage("user", PROMPT.format(instruction=instruction, answer=answer, rubric=RUBRIC))]
     return GenerationRequest(
         model=model,

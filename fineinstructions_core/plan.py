@@ -30,7 +30,7 @@ _CONFIG = {
     "template_index": ("matching.exact_below", "matching.index_factory", "matching.nprobe", "profile.embedder"),
     "documents": ("corpora", "max_document_chars"),
     "document_index": ("matching.k", "matching.sigma", "matching.alpha", "profile.embedder"),
-    "template_matches": ("matching",),
+    "template_matches": ("matching", "profile.matching_threshold"),
     "instruction_pairs": ("instantiation", "profile.instantiate"),
     "judged_corpus": ("judge", "profile.judge"),
     "training_corpus": ("training",),
@@ -99,6 +99,10 @@ def signature(cfg: Config, asset: str, partition: str, sources: list[str], shard
 
 
 def is_fresh(cfg: Config, asset: str, partition: str, sig: str) -> bool:
+    """Built from these inputs, and complete: a partition with failed LLM requests (timeouts, a server
+    that gave up) is rerun, and the request cache makes every answer it already has free."""
     lake = Lake(cfg.lake_dir)
     acc = lake.read_accounting(asset, partition)
-    return bool(acc and lake.exists(asset, partition) and (acc.get("extra") or {}).get("signature") == sig)
+    extra = (acc or {}).get("extra") or {}
+    llm_errors = int((extra.get("llm") or {}).get("errors") or 0)
+    return bool(acc and lake.exists(asset, partition) and extra.get("signature") == sig and not llm_errors)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import budget, genericize, instantiate, judge, match
-from .config import Config
+from .config import Config, ModelSpec
 from .embed import Embedder
 from .ids import content_id
 from .index import build_index_from_batches, describe_index, load_index, resolve_factory, save_index, search
@@ -73,6 +73,11 @@ def _finish(
 
 
 # ---------------------------------------------------------------------------------------------- LLM
+
+
+def _constrained(spec: ModelSpec, section_default: object) -> bool:
+    """A profile's stage may switch its grammar off (a server backend cannot apply it) over the section."""
+    return bool(section_default) if spec.constrained is None else spec.constrained
 
 
 def llm_for(cfg: Config, stage: str) -> CachedLLM:
@@ -159,7 +164,10 @@ def query_set(cfg: Config, source_name: str, logger: Logger = log.info) -> Stage
 def template_bank(cfg: Config, source_name: str, logger: Logger = log.info) -> StageResult:
     queries = Lake(cfg.lake_dir).read("query_set", source_name)
     spec = cfg.models["genericize"]
-    reqs = [genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature) for q in queries["query"]]
+    reqs = [
+        genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature, spec.prompt_format)
+        for q in queries["query"]
+    ]
     results, stats = _run_llm(cfg, "genericize", reqs, logger)
     out, rej = genericize.genericize_results(queries, results)
     return _finish(cfg, "template_bank", source_name, out, rej, len(queries), "queries", llm=stats)
@@ -314,7 +322,8 @@ def template_matches(cfg: Config, shard_key: str, logger: Logger = log.info) -> 
     templates = lake.read("template_index").sort_values("index_row").reset_index(drop=True)
     m = cfg.matching
     index = load_index(cfg.lake_dir / "template_index" / "index.faiss", nprobe=int(m.get("nprobe", 16)))
-    threshold = float(m.get("threshold", 0.3))
+    # A profile's embedder brings its own calibrated threshold (similarity scales differ per model).
+    threshold = float(cfg.section("profile.matching_threshold") or m.get("threshold", 0.3))
     k = int(m.get("candidates_per_vector", 32))
     if docs.empty:
         sims = ids = np.zeros((0, 0, 0))
@@ -364,7 +373,8 @@ def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) ->
                 spec.model,
                 spec.max_new_tokens,
                 spec.temperature,
-                constrain=bool(ins.get("constrained_excerpts", True)),
+                constrain=_constrained(spec, ins.get("constrained_excerpts", True)),
+                prompt_format=spec.prompt_format,
             )
         )
     results, stats = _run_llm(cfg, "instantiate", reqs, logger)
@@ -384,7 +394,14 @@ def judged_corpus(cfg: Config, shard_key: str, logger: Logger = log.info) -> Sta
     pairs = Lake(cfg.lake_dir).read("instruction_pairs", shard_key)
     spec = cfg.models["judge"]
     reqs = [
-        judge.build_request(i, a, spec.model, spec.max_new_tokens, bool(cfg.judge.get("constrained_score", True)))
+        judge.build_request(
+            i,
+            a,
+            spec.model,
+            spec.max_new_tokens,
+            _constrained(spec, cfg.judge.get("constrained_score", True)),
+            spec.prompt_format,
+        )
         for i, a in zip(pairs["instruction"], pairs["answer"], strict=True)
     ]
     results, stats = _run_llm(cfg, "judge", reqs, logger)

@@ -22,14 +22,18 @@ class RecordingBackend:
     def render(self, request: GenerationRequest) -> str:
         return "|".join(m.content for m in request.messages)
 
-    def generate(self, requests, progress=None):
+    def generate(self, requests, progress=None, on_result=None):
         out = []
-        for r in requests:
+        for i, r in enumerate(requests):
             self.seen.append(self.render(r))
+            if "crash" in self.render(r):
+                raise ConnectionError("cannot reach the server")
             if "fail" in self.render(r):
                 out.append(GenerationResult("", error="TimeoutError: server took too long"))
             else:
                 out.append(GenerationResult(self.render(r).upper(), prompt_tokens=3, completion_tokens=2))
+            if on_result:
+                on_result(i, out[-1])
         return out
 
 
@@ -51,6 +55,19 @@ def test_cache_answers_repeats_and_never_stores_failures(tmp_path: Path):
     assert cache.size()["entries"] == 3 and cache.models() == {"table-v1": 3}
     assert cache.prune(older_than_days=1) == 0
     assert cache.prune(model="table-v1") == 3 and cache.size()["entries"] == 0
+
+
+def test_answers_finished_before_a_crash_stay_cached(tmp_path: Path):
+    backend = RecordingBackend()
+    llm = CachedLLM(backend, RequestCache(tmp_path / "c.sqlite"), flush_every=2)
+    with pytest.raises(ConnectionError):
+        llm.generate([_req("a"), _req("b"), _req("c"), _req("crash"), _req("d")])
+    assert RequestCache(tmp_path / "c.sqlite").size()["entries"] == 3  # a, b (flushed early) and c (on the way out)
+    backend.seen.clear()
+    rerun = CachedLLM(backend, RequestCache(tmp_path / "c.sqlite"))
+    results = rerun.generate([_req("a"), _req("b"), _req("c"), _req("d")])
+    assert backend.seen == ["d"] and rerun.stats.cache_hits == 3
+    assert [r.text for r in results] == ["A", "B", "C", "D"]
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,20 @@ backend, the request cache, and the unreachable-server rule.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from serving import serving_missing, start_server, stop_server
 
 from fineinstructions_core.llm.base import ChatMessage, GenerationRequest
 from fineinstructions_core.llm.cache import CachedLLM, RequestCache
@@ -201,63 +199,16 @@ def test_unreachable_server_raises_connection_error() -> None:
 # ---------------------------------------------------------------- transformers serve (a real model server)
 
 
-def _serving_missing() -> str | None:
-    missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
-    if missing or not (Path(sys.executable).parent / "transformers").exists():
-        return f"transformers serve needs {missing or 'the transformers CLI'}: pip install 'transformers[serving]'"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stops the server's whole process group: SIGTERM (or `sig`), then SIGKILL after 10 s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @pytest.fixture
 def served_model(model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    reason = _serving_missing()
+    reason = serving_missing()
     if reason:
         pytest.skip(reason)
-    port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"]
-    log_path = tmp_path / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url, proc = start_server(model_dir, tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"transformers serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"transformers serve not ready after 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
         yield url, proc
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_transformers_serve_matches_in_process_and_caches(
@@ -302,7 +253,7 @@ def test_transformers_serve_matches_in_process_and_caches(
     assert [r.prompt_tokens for r in served] == [r.prompt_tokens for r in in_process]
     assert served[3].text.startswith("The answer is")
 
-    _stop(proc, signal.SIGKILL)
+    stop_server(proc, signal.SIGKILL)
     with pytest.raises(ConnectionError, match=f"cannot reach the OpenAI-compatible server at {url}"):
         llm.generate([_req("A question the cache has never seen.", max_new_tokens=8)])
     after = llm.generate(reqs)  # the server is gone; earlier answers still come from the cache

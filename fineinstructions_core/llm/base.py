@@ -9,6 +9,10 @@ from typing import Any, Protocol
 ProgressFn = Callable[[int, int, int], None]
 """progress(done_requests, total_requests, completion_tokens_so_far)."""
 
+ResultFn = Callable[[int, "GenerationResult"], None]
+"""on_result(index_in_the_call, result): called as each result is final, so a caller can keep it
+even if a later request of the same call fails (the request cache writes it at once)."""
+
 
 @dataclass(frozen=True)
 class ChatMessage:
@@ -87,5 +91,8 @@ class LLMBackend(Protocol):
     def render(self, request: GenerationRequest) -> str: ...
 
     def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressFn | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressFn | None = None,
+        on_result: ResultFn | None = None,
     ) -> list[GenerationResult]: ...

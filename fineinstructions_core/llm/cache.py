@@ -83,17 +83,48 @@ class RequestCache:
         return {"entries": int(n), "text_chars": int(chars), "bytes": self.path.stat().st_size}
 
 
+class _CacheWriter:
+    """Collects one backend call's finished answers and writes them in small groups."""
+
+    def __init__(self, cache: RequestCache, identity: str, keys: list[str], every: int, seconds: float):
+        self.cache, self.identity, self.keys = cache, identity, keys
+        self.every, self.seconds = every, seconds
+        self.pending: list[tuple[str, str, GenerationResult]] = []
+        self.last = time.monotonic()
+
+    def add(self, index: int, result: GenerationResult) -> None:
+        self.pending.append((self.keys[index], self.identity, result))
+        if len(self.pending) >= self.every or time.monotonic() - self.last >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.cache.put_many(self.pending)
+            self.pending = []
+        self.last = time.monotonic()
+
+
 class CachedLLM:
     """Answers from the cache first and sends only the misses to the backend, in chunks.
 
-    Finished chunks are written to the cache before the next chunk starts, so a crash mid-stage keeps
-    everything generated so far.
+    Each answer is written to the cache as soon as the backend finishes it (in groups of `flush_every`
+    or every `flush_seconds`, and always before an error propagates), so a crash or a lost server
+    mid-stage keeps everything generated so far and the rerun regenerates only what was missing.
     """
 
-    def __init__(self, backend: LLMBackend, cache: RequestCache, chunk_size: int = 64):
+    def __init__(
+        self,
+        backend: LLMBackend,
+        cache: RequestCache,
+        chunk_size: int = 64,
+        flush_every: int = 8,
+        flush_seconds: float = 2.0,
+    ):
         self.backend = backend
         self.cache = cache
         self.chunk_size = chunk_size
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
         self.stats = LLMStats()
 
     def generate(
@@ -119,8 +150,11 @@ class CachedLLM:
                 if progress:
                     progress(base_done + d, total, base_tokens + tok)
 
-            fresh = self.backend.generate([requests[i] for i in idx], progress=inner)
-            self.cache.put_many([(keys[i], identity, r) for i, r in zip(idx, fresh, strict=True)])
+            writer = _CacheWriter(self.cache, identity, [keys[i] for i in idx], self.flush_every, self.flush_seconds)
+            try:
+                fresh = self.backend.generate([requests[i] for i in idx], progress=inner, on_result=writer.add)
+            finally:  # a failed call (server gone, crash) still keeps every answer that was finished
+                writer.flush()
             for i, r in zip(idx, fresh, strict=True):
                 results[i] = r
                 tokens += r.completion_tokens

@@ -70,14 +70,33 @@ def resolve_llm(model: str, cache_dir: Path) -> tuple[Path, str]:
         if not (target / "config.json").exists():
             _convert_gguf(gguf, target)
         return target, identity
+    return resolve_local_or_hub(model)
+
+
+def resolve_local_or_hub(model: str) -> tuple[Path, str]:
+    """A local model directory, or a hub id resolved to its local snapshot (downloaded only when online).
+
+    With HF_HUB_OFFLINE=1 a hub id resolves only if it is already in the local Hugging Face cache; the
+    error says how to get it there. The identity pins the snapshot's commit, so new weights miss the cache.
+    """
     path = Path(model).expanduser()
     if path.exists():
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         ident = file_identity(weights[0]) if weights else json.dumps(sorted(p.name for p in path.iterdir()))
         return path, f"{path.resolve()}@{ident}"
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelNotAvailable(f"model {model!r} is neither embedded nor a local path, and HF_HUB_OFFLINE=1")
-    return Path(model), f"hub:{model}"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(model, local_files_only=offline))
+    except Exception as exc:  # not cached offline, unknown id, no network: all say the same thing to the user
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "the model hub"
+        raise ModelNotAvailable(
+            f"model {model!r} is not embedded, not a local directory, and could not be loaded from {where}: "
+            f"{type(exc).__name__}. Fetch it once where the hub is reachable (`hf download {model}`) or set the "
+            "profile's model to a local directory."
+        ) from None
+    return local, f"hub:{model}@{local.name}"
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

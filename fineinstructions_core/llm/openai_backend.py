@@ -24,13 +24,13 @@ retries the request yields `GenerationResult(text="", error="<Kind>: ...")` with
 ServerUnreachable, Timeout, ServerDisconnected, HTTP429, HTTP5xx, HTTP4xx, BadResponse; such results
 are never cached, so a rerun retries them.
 
-Unreachable-server rule: if, within one `generate` call, a request exhausts its retries on connection
-failures while no attempt of that call has reached the server (no HTTP response, no established
-connection that then timed out or dropped), the call is aborted and a `ConnectionError` naming the base
-URL is raised ("cannot reach the OpenAI-compatible server at http://...: ..."). A misconfigured URL or a
-dead server thus fails the stage clearly instead of producing a run of error rows; CachedLLM has already
-stored every earlier chunk. A server that answered at least once in the call but then became unreachable
-gives per-request ServerUnreachable errors instead, and the next call raises.
+Unreachable-server rule: if a request exhausts its retries and its last attempt could not even connect
+(connection refused, unknown host), the whole call is aborted and a `ConnectionError` naming the base
+URL is raised ("cannot reach the OpenAI-compatible server at http://...: ..."). A misconfigured URL, a
+dead server or one killed mid-stage thus fails the stage clearly instead of producing a run of error
+rows; every answer finished before that is already in the request cache (CachedLLM stores them as they
+arrive), so the rerun regenerates only the rest. A server that is alive but slow or overloaded (timeouts,
+429, 5xx) gives per-request errors instead.
 
 HTTP client: `httpx` if importable, else `httpx2` (the same API under another module name), else
 `urllib` in a thread pool; all three keep the same asyncio structure with `concurrency` requests in
@@ -56,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .base import GenerationRequest, GenerationResult, ProgressFn
+from .base import GenerationRequest, GenerationResult, ProgressFn, ResultFn
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,6 @@ class _CallState:
     total: int
     done: int = 0
     tokens: int = 0
-    reached: bool = False
 
 
 class OpenAIBackend:
@@ -253,7 +252,10 @@ class OpenAIBackend:
         return payload
 
     def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressFn | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressFn | None = None,
+        on_result: ResultFn | None = None,
     ) -> list[GenerationResult]:
         for r in requests:  # refuse before sending anything
             if r.constraint:
@@ -269,10 +271,10 @@ class OpenAIBackend:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self._run(requests, payloads, progress))
+            return asyncio.run(self._run(requests, payloads, progress, on_result))
         # Called from inside a running event loop (e.g. a notebook): use a private loop in a thread.
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, self._run(requests, payloads, progress)).result()
+            return pool.submit(asyncio.run, self._run(requests, payloads, progress, on_result)).result()
 
     def _transport(self) -> _HttpxTransport | _UrllibTransport:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -283,14 +285,18 @@ class OpenAIBackend:
         return _UrllibTransport(self.timeout_s, self.concurrency, headers)
 
     async def _run(
-        self, requests: Sequence[GenerationRequest], payloads: list[dict[str, Any]], progress: ProgressFn | None
+        self,
+        requests: Sequence[GenerationRequest],
+        payloads: list[dict[str, Any]],
+        progress: ProgressFn | None,
+        on_result: ResultFn | None,
     ) -> list[GenerationResult]:
         transport = self._transport()
         state = _CallState(total=len(requests))
         sem = asyncio.Semaphore(self.concurrency)
         tasks = [
-            asyncio.create_task(self._one(transport, sem, state, r, p, progress))
-            for r, p in zip(requests, payloads, strict=True)
+            asyncio.create_task(self._one(transport, sem, state, i, r, p, progress, on_result))
+            for i, (r, p) in enumerate(zip(requests, payloads, strict=True))
         ]
         try:
             return list(await asyncio.gather(*tasks))
@@ -307,12 +313,16 @@ class OpenAIBackend:
         transport: _HttpxTransport | _UrllibTransport,
         sem: asyncio.Semaphore,
         state: _CallState,
+        index: int,
         request: GenerationRequest,
         payload: dict[str, Any],
         progress: ProgressFn | None,
+        on_result: ResultFn | None,
     ) -> GenerationResult:
         async with sem:
             result = await self._attempts(transport, state, request, payload)
+        if on_result:
+            on_result(index, result)
         state.done += 1
         state.tokens += result.completion_tokens
         if progress:
@@ -335,13 +345,10 @@ class OpenAIBackend:
             except _Unreachable as exc:
                 kind, detail = "ServerUnreachable", str(exc)
             except _Timeout as exc:
-                state.reached = True
                 kind, detail = "Timeout", f"no response within {self.timeout_s}s ({exc})"
             except _Disconnected as exc:
-                state.reached = True
                 kind, detail = "ServerDisconnected", str(exc)
             else:
-                state.reached = True
                 if 200 <= reply.status < 300:
                     return self._parse(request, reply.body)
                 snippet = reply.body[:300].decode("utf-8", "replace")
@@ -358,7 +365,7 @@ class OpenAIBackend:
             delay = self._delay(attempt, retry_after)
             log.debug("%s on %s (attempt %d), retrying in %.2fs", kind, url, attempt + 1, delay)
             await asyncio.sleep(delay)
-        if kind == "ServerUnreachable" and not state.reached:
+        if kind == "ServerUnreachable":
             raise _ServerDown(detail)
         log.warning("giving up on a request to %s after %d attempts: %s: %s", url, self.max_retries + 1, kind, detail)
         return GenerationResult("", error=f"{kind}: {detail} (after {self.max_retries + 1} attempts)")

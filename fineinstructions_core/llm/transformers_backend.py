@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import GenerationRequest, GenerationResult, ProgressFn
+from .base import GenerationRequest, GenerationResult, ProgressFn, ResultFn
 from .constraints import Constraint, build_constraint
 from .models import resolve_llm
 
@@ -98,7 +98,10 @@ class TransformersBackend:
         return text + request.assistant_prefix
 
     def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressFn | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressFn | None = None,
+        on_result: ResultFn | None = None,
     ) -> list[GenerationResult]:
         tokenizer, _ = self._ensure()
         prompts = [self.render(r) for r in requests]
@@ -122,6 +125,8 @@ class TransformersBackend:
                 for i, r in zip(group, out, strict=True):
                     results[i] = r
                     tokens += r.completion_tokens
+                    if on_result:
+                        on_result(i, r)
             done += len(idx)
             if progress:
                 progress(done, len(requests), tokens)

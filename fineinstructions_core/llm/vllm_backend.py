@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import GenerationRequest, GenerationResult, ProgressFn
+from .base import GenerationRequest, GenerationResult, ProgressFn, ResultFn
 from .models import resolve_llm
 
 
@@ -70,7 +70,10 @@ class VLLMBackend:
         return self._llm
 
     def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressFn | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressFn | None = None,
+        on_result: ResultFn | None = None,
     ) -> list[GenerationResult]:
         params = [_vllm().SamplingParams(**sampling_params(r)) for r in requests]  # validate all before any work
         prompts = [self.render(r) for r in requests]
@@ -89,6 +92,8 @@ class VLLMBackend:
                     )
                 )
                 tokens += len(gen.token_ids)
+                if on_result:
+                    on_result(len(results) - 1, results[-1])
             if progress:
                 progress(len(results), len(requests), tokens)
         return results

@@ -1,0 +1,85 @@
+"""Model profiles: the `paper` profile's prompt formats, parsing the released models' JSON answers, and
+the clear error when a hub model is not available offline."""
+
+from pathlib import Path
+
+import pytest
+
+from fineinstructions_core import genericize, instantiate, judge
+from fineinstructions_core.config import ConfigError, load_config
+from fineinstructions_core.llm.backends import make_backend
+from fineinstructions_core.llm.models import ModelNotAvailable, resolve_local_or_hub
+from fineinstructions_core.plan import signature
+
+
+def test_paper_profile_selects_released_models_and_their_formats(tiny_project: Path):
+    cfg = load_config(tiny_project, {"model_profile": "paper"})
+    g, i, j = (cfg.models[s] for s in ("genericize", "instantiate", "judge"))
+    assert (g.model, g.backend, g.prompt_format) == ("fineinstructions/query_templatizer", "vllm", "fineinstructions")
+    assert (i.model, i.prompt_format, i.constrained) == (
+        "fineinstructions/template_instantiator",
+        "fineinstructions",
+        False,
+    )
+    assert (j.model, j.prompt_format, j.constrained) == ("flowaicom/Flow-Judge-v0.1", "flow_judge", False)
+    assert cfg.embedder == "fineinstructions/instruction_template_retrieval_embedding"
+    assert cfg.section("profile.matching_threshold") == 0.865
+    embedded = load_config(tiny_project)
+    assert embedded.models["genericize"].prompt_format == "fewshot" and embedded.models["judge"].constrained is None
+    with pytest.raises(ConfigError, match="prompt_format 'chatml' is not one of"):
+        load_config(
+            tiny_project, {"model_profiles": {"embedded": {"judge": {"model": "x", "prompt_format": "chatml"}}}}
+        )
+
+
+def test_switching_profile_makes_model_stages_stale(tiny_project: Path):
+    a = load_config(tiny_project)
+    b = load_config(tiny_project, {"model_profile": "paper"})
+    for asset in ("template_bank", "template_matches"):
+        key = "nq" if asset == "template_bank" else "debian-00000"
+        assert signature(a, asset, key, [], []) != signature(b, asset, key, [], [])
+    assert signature(a, "query_set", "nq", [], []) == signature(b, "query_set", "nq", [], [])
+
+
+def test_released_genericizer_format_and_json_answers():
+    req = genericize.build_request("how do i boil an egg", "m", 256, 0.0, "fineinstructions")
+    assert [(m.role, m.content) for m in req.messages] == [("user", "how do i boil an egg")]
+    assert req.stop == () and req.constraint is None
+    answer = '{"template": "how do i <fi>cooking task</fi>", "compatible_document_description": "A recipe."}'
+    assert genericize.parse_output(answer) == ("how do i <fi>cooking task</fi>", "A recipe.")
+    assert genericize.parse_output("```json\n" + answer + "\n```\nextra") == (
+        "how do i <fi>cooking task</fi>",
+        "A recipe.",
+    )
+    assert genericize.parse_output('{"template": ') is None
+    with pytest.raises(ValueError, match="unknown genericize prompt format"):
+        genericize.build_request("q", "m", 8, 0.0, "chatml")
+
+
+def test_released_instantiator_format_and_json_answers():
+    req = instantiate.build_request("what is <fi>x</fi>", "Doc text.", "m", 512, 0.0, False, "fineinstructions")
+    [msg] = req.messages
+    assert msg.role == "user"
+    assert msg.content == "<<<Instruction Template:\nwhat is <fi>x</fi>\n>>>\n\n<<<Compatible Document:\nDoc text.\n>>>"
+    with pytest.raises(ValueError, match="constrained: false"):
+        instantiate.build_request("t", "d", "m", 8, 0.0, True, "fineinstructions")
+    parsed = instantiate.parse_output(
+        '{"instruction": "what is tar?", "answer": "<excerpt>tar is<...>tool.</excerpt>"}'
+    )
+    assert parsed == instantiate.Parsed("what is tar?", "<excerpt>tar is<...>tool.</excerpt>")
+    assert instantiate.parse_output("null") is None
+    assert instantiate.parse_output('{"instruction": null, "answer": null}') is None
+    assert instantiate.parse_output('{"instruction": "q", "answer": 3}') == "unparseable"
+    assert instantiate.parse_output("[1, 2]") == "unparseable"
+    # The judge keeps Flow Judge's format under every profile.
+    jreq = judge.build_request("q", "a", "m", 64, False, "flow_judge")
+    assert jreq.messages[0].content.startswith("# GOAL") and jreq.constraint is None
+
+
+def test_hub_model_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailable, match=r"fineinstructions/query_templatizer.*hf download"):
+        resolve_local_or_hub("fineinstructions/query_templatizer")
+    cfg = load_config(overrides={"model_profile": "paper"})
+    with pytest.raises(ModelNotAvailable, match="Flow-Judge-v0.1"):
+        make_backend(cfg.models["judge"], tmp_path)
