@@ -38,6 +38,19 @@ CONTRACTS: dict[str, tuple[str, list[str], float]] = {
     "instruction_pairs": ("pair_id", ["pair_id", "instruction", "answer", "excerpt_spans", "excerpt_ratio"], 0.05),
     "judged_corpus": ("pair_id", ["pair_id", "score", "feedback", "accepted"], 0.05),
     "training_corpus": ("pair_id", ["pair_id", "text", "tokens"], 0.3),
+    "silver_genericizer_examples": (
+        "example_id",
+        ["example_id", "query", "template", "description", "provenance"],
+        0.5,
+    ),
+    "silver_instantiation_examples": (
+        "example_id",
+        ["example_id", "template", "document", "instruction", "answer", "provenance"],
+        0.2,
+    ),
+    "genericizer_model": ("model_id", ["model_id", "model_dir", "eval_loss_before", "eval_loss_after"], 0.9),
+    "instantiator_model": ("model_id", ["model_id", "model_dir", "eval_loss_before", "eval_loss_after"], 0.9),
+    "matching_embedding": ("model_id", ["model_id", "model_dir", "eval_loss_before", "eval_loss_after"], 0.9),
 }
 
 
@@ -132,7 +145,9 @@ def _report(
         for k in ("cache_hits", "cache_misses", "errors", "prompt_tokens", "completion_tokens"):
             metadata[f"llm_{k}"] = MetadataValue.int(int(result.llm.get(k) or 0))
     for k, v in result.extra.items():
-        if k != "llm" and v is not None:
+        if k == "loss_curve":
+            metadata[k] = MetadataValue.md(v)  # an SVG plot, rendered in the asset's metadata
+        elif k != "llm" and v is not None:
             metadata[k] = MetadataValue.json(v) if isinstance(v, dict | list) else v
     if "similarity" in result.output.columns and len(result.output):
         metadata["similarity_histogram"] = MetadataValue.json(
@@ -241,6 +256,55 @@ training_corpus = _partitioned(
     "Token-budgeted 'Instruction: ...\\n\\nAnswer: ...' texts, exported as Parquet and JSONL.",
 )
 
+silver_genericizer_examples = _partitioned(
+    "silver_genericizer_examples",
+    None,
+    ["query_set"],
+    "distillation",
+    "Seed + teacher-written genericizer examples that pass the validator, each with its provenance.",
+    pool="llm",
+)
+silver_instantiation_examples = _partitioned(
+    "silver_instantiation_examples",
+    None,
+    ["template_matches", "template_index"],
+    "distillation",
+    "Seed + teacher-written instantiation examples that pass the excerpt rules, each with its provenance.",
+    pool="llm",
+)
+genericizer_model = _partitioned(
+    "genericizer_model",
+    None,
+    ["silver_genericizer_examples"],
+    "distillation",
+    "The student genericizer: the embedded model fine-tuned on the genericizer examples (loss curve, held-out loss).",
+    pool="training",
+)
+instantiator_model = _partitioned(
+    "instantiator_model",
+    None,
+    ["silver_instantiation_examples"],
+    "distillation",
+    "The student instantiator: the embedded model fine-tuned on the instantiation examples.",
+    pool="training",
+)
+matching_embedding = _partitioned(
+    "matching_embedding",
+    None,
+    [],
+    "distillation",
+    "The embedder fine-tuned on labelled (question, paragraph) pairs, twice; recall@10 on held-out articles.",
+    pool="training",
+)
+
+DISTILLATION_ASSETS = [
+    silver_genericizer_examples,
+    genericizer_model,
+    silver_instantiation_examples,
+    instantiator_model,
+    matching_embedding,
+]
+
 ALL_ASSETS = [
     raw_queries,
     query_set,
@@ -252,4 +316,5 @@ ALL_ASSETS = [
     instruction_pairs,
     judged_corpus,
     training_corpus,
+    *DISTILLATION_ASSETS,
 ]

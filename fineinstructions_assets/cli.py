@@ -124,6 +124,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             launch(todo, shard)
     if stale_suffix(["training_corpus"], UNPARTITIONED):
         launch(["training_corpus"], None)
+    if args.distillation:
+        from fineinstructions_core.stages import DISTILLATION_ASSETS
+
+        for asset in DISTILLATION_ASSETS:  # in dependency order
+            if stale_suffix([asset], UNPARTITIONED):
+                launch([asset], None)
     elapsed = time.perf_counter() - started
     refresh_catalog(cfg.catalog_path, cfg.lake_dir)
     summary = stats(_active_accounting(cfg))
@@ -178,9 +184,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _labelled(args: argparse.Namespace):
-    from fineinstructions_core.evaluation import load_labelled_set
+    from fineinstructions_core.evaluation import load_labelled_set, subset_by_titles
 
-    return load_labelled_set(
+    data = load_labelled_set(
         Path(args.questions),
         Path(args.paragraphs),
         args.question_field,
@@ -192,6 +198,11 @@ def _labelled(args: argparse.Namespace):
         spread=args.spread,
         max_questions=args.max_questions,
     )
+    if args.heldout_articles:
+        from fineinstructions_core.distill import HELDOUT_ARTICLES
+
+        data = subset_by_titles(data, HELDOUT_ARTICLES)
+    return data
 
 
 def _descriptions(cfg, data, mode: str) -> tuple[list[str], list[bool]]:
@@ -268,6 +279,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_students(args: argparse.Namespace) -> int:
+    from fineinstructions_core.distill_stages import compare_students
+
+    overrides = _overrides(args.set)
+    baseline = load_config(args.config, overrides | {"model_profile": args.baseline})
+    student = load_config(args.config, overrides | {"model_profile": args.student})
+    report = compare_students(
+        baseline, student, args.queries_per_source, args.paragraphs, lambda m: print(m, file=sys.stderr)
+    )
+    print(json.dumps(report, indent=None if args.json else 1))
+    return 0
+
+
 def _labelled_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", required=True, help="JSONL of questions, each linked to a paragraph")
     p.add_argument("--paragraphs", required=True, help="JSONL of paragraphs")
@@ -279,6 +303,11 @@ def _labelled_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N paragraphs")
     p.add_argument("--spread", type=int, default=None, help="use N paragraphs evenly spaced over the file")
     p.add_argument("--max-questions", type=int, default=None, help="a seeded sample of at most N questions")
+    p.add_argument(
+        "--heldout-articles",
+        action="store_true",
+        help="only the SQuAD articles the matching embedding is never trained on",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         "--all", action="store_true", help="rematerialize everything (LLM answers still come from the cache)"
     )
     p.add_argument("--timing-file", default=None, help="write the pipeline time as JSON to this file")
+    p.add_argument(
+        "--distillation",
+        action="store_true",
+        help="then the distillation loop: silver examples, student models, the fine-tuned matching embedder",
+    )
     p.add_argument("--log-level", default="INFO", help="Dagster console log level (default INFO: progress)")
     p.set_defaults(func=cmd_run)
     sub.add_parser("register", help="register query sources and corpus shards as Dagster partitions").set_defaults(
@@ -312,6 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-documents", action="store_true", help="also measure local-vector coverage of articles")
     p.add_argument("--json", action="store_true", help="one JSON object on one line")
     p.set_defaults(func=cmd_eval_matching)
+    p = sub.add_parser(
+        "eval-students", help="held-out pass rates of two profiles' genericizer and instantiator (raw vs distilled)"
+    )
+    p.add_argument("--baseline", default="embedded", help="profile to compare against (default: embedded)")
+    p.add_argument("--student", default="distilled", help="profile with the students (default: distilled)")
+    p.add_argument("--queries-per-source", type=int, default=20)
+    p.add_argument("--paragraphs", type=int, default=30, help="held-out SQuAD paragraphs to instantiate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_students)
     p = sub.add_parser("calibrate-threshold", help="propose a similarity threshold from labelled pairs")
     _labelled_args(p)
     p.add_argument("--mode", choices=["raw", "genericized"], default="genericized")

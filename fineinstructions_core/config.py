@@ -185,6 +185,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return parse_config(raw, root=path.resolve().parent)
 
 
+def _expand(model: str, root: Path, data_dir: Path) -> str:
+    """`{data_dir}` and `{root}` in a model path, so a profile can name models the project trains."""
+    return model.replace("{data_dir}", str(data_dir)).replace("{root}", str(root))
+
+
 def _require(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d or d[key] in (None, ""):
         raise ConfigError(f"{where}: missing required key {key!r}")
@@ -255,7 +260,7 @@ def parse_config(raw: dict[str, Any], root: Path) -> Config:
             )
         models[stage] = ModelSpec(
             backend=spec.get("backend", "transformers"),
-            model=_require(spec, "model", f"model_profiles.{profile}.{stage}"),
+            model=_expand(str(_require(spec, "model", f"model_profiles.{profile}.{stage}")), root, data_dir),
             max_new_tokens=int(spec.get("max_new_tokens", 128)),
             temperature=float(spec.get("temperature", 0.0)),
             batch_size=int(spec.get("batch_size", 8)),
@@ -283,7 +288,7 @@ def parse_config(raw: dict[str, Any], root: Path) -> Config:
         judge=dict(raw.get("judge") or {}),
         training=dict(raw.get("training") or {}),
         models=models,
-        embedder=(profiles[profile] or {}).get("embedder", "embedded:all-MiniLM-L6-v2"),
+        embedder=_expand(str((profiles[profile] or {}).get("embedder", "embedded:all-MiniLM-L6-v2")), root, data_dir),
         cache_dir=cache_dir,
         raw=raw,
     )

@@ -18,7 +18,7 @@ paragraph ranks its own questions:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,30 @@ def load_labelled_set(
     if not qs:
         raise ValueError(f"no question in {questions_path} links to these paragraphs via {link_field!r}")
     return LabelledSet(qs, qp, imp, pids, texts, titles)
+
+
+def subset_by_titles(
+    data: LabelledSet, titles: Sequence[str], keep: bool = True, max_questions: int | None = None, seed: int = 0
+) -> LabelledSet:
+    """Only the paragraphs (and their questions) whose article title is (keep) or is not in `titles`,
+    e.g. the articles held out from embedding training."""
+    wanted = set(titles)
+    idx = [i for i, t in enumerate(data.titles) if (t in wanted) == keep]
+    pids = [data.pids[i] for i in idx]
+    known = set(pids)
+    q = [i for i, p in enumerate(data.question_pids) if p in known]
+    if max_questions is not None and len(q) > max_questions:
+        q = sorted(np.random.default_rng(seed).choice(q, size=max_questions, replace=False).tolist())
+    if not idx or not q:
+        raise ValueError(f"no labelled paragraph or question left after selecting titles {sorted(wanted)[:5]}")
+    return LabelledSet(
+        [data.questions[i] for i in q],
+        [data.question_pids[i] for i in q],
+        [data.impossible[i] for i in q],
+        pids,
+        [data.texts[i] for i in idx],
+        [data.titles[i] for i in idx],
+    )
 
 
 def _lines(path: Path):

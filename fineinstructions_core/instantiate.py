@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .excerpts import ExcerptError, expand_answer
+from .excerpts import ExcerptError, Expansion, expand_answer
 from .ids import content_id
 from .llm.base import ChatMessage, GenerationRequest, GenerationResult
 from .templates import TAG
@@ -91,19 +91,21 @@ def build_request(
     constrain: bool = True,
     prompt_format: str = "fewshot",
 ) -> GenerationRequest:
-    """`fewshot` teaches a general chat model the task (and is what the excerpt grammar steers);
-    `fineinstructions` is the released instantiator's own input: the paper's framing alone."""
+    """`fewshot` teaches a general chat model the task; `fineinstructions` is the released instantiator's
+    own input, the paper's framing alone (also what the distilled student is trained on). Constrained, the
+    answer is steered into the `Instruction:` / `Answer:` form with verbatim excerpts; unconstrained, a
+    released model may answer in its own JSON form, which `parse_output` reads too."""
+    constraint = ("excerpt_copy", window, template) if constrain else None
+    prefix = "Instruction:" if constrain else ""
     if prompt_format == "fineinstructions":
-        if constrain:
-            raise ValueError(
-                "the excerpt grammar steers the few-shot 'Instruction:/Answer:' format; set constrained: false "
-                "for an instantiator using the fineinstructions prompt format"
-            )
         return GenerationRequest(
             model=model,
             messages=(ChatMessage("user", _user_turn(template, window)),),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            stop=("<<<",),
+            constraint=constraint,
+            assistant_prefix=prefix,
         )
     if prompt_format != "fewshot":
         raise ValueError(f"unknown instantiate prompt format {prompt_format!r}")
@@ -118,8 +120,8 @@ def build_request(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         stop=("<<<", "\n\n\n"),
-        constraint=("excerpt_copy", window, template) if constrain else None,
-        assistant_prefix="Instruction:" if constrain else "",
+        constraint=constraint,
+        assistant_prefix=prefix,
     )
 
 
@@ -176,6 +178,52 @@ def parse_output(text: str) -> Parsed | None | str:
     return Parsed(instruction, answer)
 
 
+@dataclass
+class InstantiationCheck:
+    """The verdict on one instantiator output: `ok`, or the rejection status with its detail."""
+
+    status: str
+    detail: str = ""
+    parsed: Parsed | None = None
+    expansion: Expansion | None = None
+
+
+def check_instantiation(
+    template: str,
+    document: str,
+    text: str,
+    prefer: int = 0,
+    min_excerpt_ratio: float = 0.8,
+    max_span_chars: int = 4000,
+    min_answer_words: int = 0,
+) -> InstantiationCheck:
+    """The rules an instantiator output must pass, shared by the pipeline, the seeds and the silver data.
+    A `null` answer has the status `null_incompatible`."""
+    parsed = parse_output(text)
+    if parsed is None:
+        return InstantiationCheck("null_incompatible")
+    if isinstance(parsed, str):
+        return InstantiationCheck(parsed)
+    if "<fi>" in parsed.instruction or "</fi>" in parsed.instruction:
+        return InstantiationCheck("unfilled_template", parsed.instruction, parsed)
+    if not template_followed(template, parsed.instruction):
+        return InstantiationCheck("template_not_followed", parsed.instruction, parsed)
+    if _REFERS.search(parsed.instruction):
+        return InstantiationCheck("refers_to_document", parsed.instruction, parsed)
+    try:
+        exp = expand_answer(parsed.answer, document, prefer=prefer, max_span_chars=max_span_chars)
+    except ExcerptError as err:
+        return InstantiationCheck(err.reason, err.detail, parsed)
+    if not exp.spans:
+        return InstantiationCheck("no_excerpt", "", parsed, exp)
+    if len(exp.text.split()) < min_answer_words:
+        words = len(exp.text.split())
+        return InstantiationCheck("answer_too_short", f"{words} < {min_answer_words} words", parsed, exp)
+    if exp.ratio < min_excerpt_ratio:
+        return InstantiationCheck("excerpt_ratio_below_min", f"{exp.ratio:.3f} < {min_excerpt_ratio}", parsed, exp)
+    return InstantiationCheck("ok", "", parsed, exp)
+
+
 def instantiate_results(
     matches: pd.DataFrame,
     documents: dict[str, str],
@@ -203,36 +251,15 @@ def instantiate_results(
         if res.error:
             reject("llm_error", res.error)
             continue
-        parsed = parse_output(res.text)
-        if parsed is None:
-            reject("null_incompatible")
+        document = documents[row.document_id]
+        check = check_instantiation(
+            row.template, document, res.text, start, min_excerpt_ratio, max_span_chars, min_answer_words
+        )
+        if check.status != "ok":
+            reject(check.status, check.detail)
             continue
-        if isinstance(parsed, str):
-            reject(parsed)
-            continue
-        if "<fi>" in parsed.instruction or "</fi>" in parsed.instruction:
-            reject("unfilled_template", parsed.instruction)
-            continue
-        if not template_followed(row.template, parsed.instruction):
-            reject("template_not_followed", parsed.instruction)
-            continue
-        if _REFERS.search(parsed.instruction):
-            reject("refers_to_document", parsed.instruction)
-            continue
-        try:
-            exp = expand_answer(parsed.answer, documents[row.document_id], prefer=start, max_span_chars=max_span_chars)
-        except ExcerptError as err:
-            reject(err.reason, err.detail)
-            continue
-        if not exp.spans:
-            reject("no_excerpt")
-            continue
-        if len(exp.text.split()) < min_answer_words:
-            reject("answer_too_short", f"{len(exp.text.split())} < {min_answer_words} words")
-            continue
-        if exp.ratio < min_excerpt_ratio:
-            reject("excerpt_ratio_below_min", f"{exp.ratio:.3f} < {min_excerpt_ratio}")
-            continue
+        parsed, exp = check.parsed, check.expansion
+        assert parsed is not None and exp is not None
         kept.append(
             base
             | {

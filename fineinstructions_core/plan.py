@@ -13,7 +13,21 @@ import hashlib
 import inspect
 from pathlib import Path
 
-from . import budget, embed, excerpts, genericize, index, instantiate, judge, match, queries, templates
+from . import (
+    budget,
+    distill,
+    embed,
+    evaluation,
+    excerpts,
+    genericize,
+    index,
+    instantiate,
+    judge,
+    match,
+    queries,
+    templates,
+    training,
+)
 from .config import Config
 from .io import readers
 from .io.lake import UNPARTITIONED, Lake
@@ -34,6 +48,12 @@ _CONFIG = {
     "instruction_pairs": ("instantiation", "profile.instantiate"),
     "judged_corpus": ("judge", "profile.judge"),
     "training_corpus": ("training",),
+    # The distillation loop: the teacher may be any profile, so every profile's settings count.
+    "silver_genericizer_examples": ("distillation", "model_profiles", "model_profile"),
+    "silver_instantiation_examples": ("distillation", "model_profiles", "model_profile", "instantiation"),
+    "genericizer_model": ("distillation.student", "distillation.seed", "distillation.genericizer"),
+    "instantiator_model": ("distillation.student", "distillation.seed", "distillation.instantiator"),
+    "matching_embedding": ("distillation.seed", "distillation.embedding", "matching", "profile.embedder"),
 }
 _CODE = {
     "raw_queries": (readers,),
@@ -46,6 +66,11 @@ _CODE = {
     "instruction_pairs": (instantiate, excerpts, constraints),
     "judged_corpus": (judge, constraints),
     "training_corpus": (budget,),
+    "silver_genericizer_examples": (distill, genericize, templates),
+    "silver_instantiation_examples": (distill, instantiate, excerpts, constraints),
+    "genericizer_model": (distill, training),
+    "instantiator_model": (distill, training),
+    "matching_embedding": (distill, training, embed, evaluation),
 }
 UPSTREAM = {
     "query_set": "raw_queries",
@@ -93,6 +118,22 @@ def signature(cfg: Config, asset: str, partition: str, sources: list[str], shard
     elif asset == "training_corpus":
         for s in sorted(shards):
             _file_hash(lake.path("judged_corpus", s), h)
+    elif asset == "silver_genericizer_examples":
+        _file_hash(distill.SEEDS_DIR / "genericizer.jsonl", h)
+        for s in sorted(sources):
+            _file_hash(lake.path("query_set", s), h)
+    elif asset == "silver_instantiation_examples":
+        _file_hash(distill.SEEDS_DIR / "instantiation.jsonl", h)
+        _file_hash(lake.path("template_index", UNPARTITIONED), h)
+        for s in sorted(shards):
+            _file_hash(lake.path("template_matches", s), h)
+    elif asset in ("genericizer_model", "instantiator_model"):
+        upstream = "silver_genericizer_examples" if asset == "genericizer_model" else "silver_instantiation_examples"
+        _file_hash(lake.path(upstream, UNPARTITIONED), h)
+    elif asset == "matching_embedding":
+        e = (cfg.raw.get("distillation") or {}).get("embedding") or {}
+        for key in ("questions", "paragraphs"):
+            _file_hash(cfg.root / str(e.get(key, "")), h)
     else:
         _file_hash(lake.path(UPSTREAM[asset], partition), h)
     return h.hexdigest()[:24]

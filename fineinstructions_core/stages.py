@@ -463,6 +463,14 @@ def training_corpus(cfg: Config, shards: list[str], logger: Logger = log.info) -
     )
 
 
+DISTILLATION_ASSETS = (
+    "silver_genericizer_examples",
+    "silver_instantiation_examples",
+    "genericizer_model",
+    "instantiator_model",
+    "matching_embedding",
+)
+
 STAGES: dict[str, Callable[..., StageResult]] = {
     "raw_queries": raw_queries,
     "query_set": query_set,
@@ -487,6 +495,15 @@ def run_stage(
         result = template_index(cfg, sources, logger)
     elif asset == "training_corpus":
         result = training_corpus(cfg, shards, logger)
+    elif asset in DISTILLATION_ASSETS:
+        from . import distill_stages as ds
+
+        if asset == "silver_genericizer_examples":
+            result = ds.silver_genericizer_examples(cfg, sources, logger)
+        elif asset == "silver_instantiation_examples":
+            result = ds.silver_instantiation_examples(cfg, shards, logger)
+        else:
+            result = getattr(ds, asset)(cfg, logger)
     else:
         result = STAGES[asset](cfg, partition, logger)
     result.accounting.extra["signature"] = sig

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serving import serving_missing, start_server, stop_server
 
 from fineinstructions_core.llm.base import ChatMessage, GenerationRequest
 from fineinstructions_core.llm.cache import CachedLLM, RequestCache
+from fineinstructions_core.llm.local_server import serving_missing, start_server, stop_server
 from fineinstructions_core.llm.models import resolve_llm
 from fineinstructions_core.llm.openai_backend import OpenAIBackend, default_http_client
 

@@ -61,8 +61,8 @@ def test_released_instantiator_format_and_json_answers():
     [msg] = req.messages
     assert msg.role == "user"
     assert msg.content == "<<<Instruction Template:\nwhat is <fi>x</fi>\n>>>\n\n<<<Compatible Document:\nDoc text.\n>>>"
-    with pytest.raises(ValueError, match="constrained: false"):
-        instantiate.build_request("t", "d", "m", 8, 0.0, True, "fineinstructions")
+    steered = instantiate.build_request("t <fi>x</fi>", "d", "m", 8, 0.0, True, "fineinstructions")
+    assert steered.constraint == ("excerpt_copy", "d", "t <fi>x</fi>") and steered.assistant_prefix == "Instruction:"
     parsed = instantiate.parse_output(
         '{"instruction": "what is tar?", "answer": "<excerpt>tar is<...>tool.</excerpt>"}'
     )

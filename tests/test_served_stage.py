@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 from conftest import make_tiny_project
 from dagster import DagsterInstance, materialize
-from serving import serving_missing, start_server, stop_server
 
 from fineinstructions_assets.assets import instruction_pairs
 from fineinstructions_assets.partitions import register_partitions
@@ -24,6 +23,7 @@ from fineinstructions_core.config import load_config
 from fineinstructions_core.io.lake import UNPARTITIONED, Lake
 from fineinstructions_core.llm.base import GenerationResult
 from fineinstructions_core.llm.cache import RequestCache
+from fineinstructions_core.llm.local_server import serving_missing, start_server, stop_server
 from fineinstructions_core.llm.models import EMBEDDED_LLM, resolve_llm
 from fineinstructions_core.shards import manifest_shard_keys
 from fineinstructions_core.stages import run_stage

@@ -1,4 +1,6 @@
-"""Starting and stopping a real `transformers serve` (an OpenAI-compatible server) on 127.0.0.1."""
+"""A local OpenAI-compatible server (`transformers serve`, shipped with `transformers[serving]`) for a
+model directory, on 127.0.0.1: what the throughput benchmark and the server tests talk to, and a quick
+way to try the `openai` backend without a GPU fleet."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -27,11 +30,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model_dir: Path, log_path: Path, ready_s: float = 180) -> tuple[str, subprocess.Popen]:
-    """Serves `model_dir` in its own process group; returns (base url, process) once /health answers."""
+def start_server(
+    model_dir: Path, log_path: Path, ready_s: float = 180, extra_args: Sequence[str] = ()
+) -> tuple[str, subprocess.Popen]:
+    """Serves `model_dir` in its own process group; returns (base url, process) once /health answers.
+
+    A directory, not a bare GGUF file: `transformers serve` cannot load a local GGUF path, which is why the
+    embedded model is served from its converted copy (`resolve_llm`).
+    """
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32", *extra_args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -1,0 +1,506 @@
+"""The distillation loop's stages: silver examples from a teacher, students trained on seeds + silver,
+and the matching embedder fine-tuned on labelled pairs. Each writes the lake and its accounting like
+every other stage, so the Dagster assets, the CLI and the tests run the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import distill, genericize, instantiate
+from .config import Config, parse_config
+from .ids import content_id
+from .io.lake import UNPARTITIONED, Lake
+from .llm.models import resolve_llm
+from .stages import Logger, StageResult, _constrained, _finish, _run_llm
+from .training import TrainReport, loss_curve_svg, train_causal_lm, train_embedder
+
+log = logging.getLogger(__name__)
+
+
+def _settings(cfg: Config) -> dict[str, Any]:
+    return dict(cfg.raw.get("distillation") or {})
+
+
+def teacher_config(cfg: Config) -> Config:
+    """The project config with the teacher profile active (the teacher is any configured profile)."""
+    raw = copy.deepcopy(cfg.raw)
+    raw["model_profile"] = _settings(cfg).get("teacher_profile", "embedded")
+    return parse_config(raw, cfg.root)
+
+
+def _sample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    if n is None or len(df) <= n:
+        return df.reset_index(drop=True)
+    return df.sample(n=n, random_state=seed).sort_index().reset_index(drop=True)
+
+
+def _rejections(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["reason", "detail"])
+
+
+# ------------------------------------------------------------------------------------ silver examples
+
+
+def silver_genericizer_examples(cfg: Config, sources: list[str], logger: Logger = log.info) -> StageResult:
+    """Seeds + the teacher's validated genericizations of a sample of the query set."""
+    d = _settings(cfg)
+    seed = int(d.get("seed", 0))
+    seeds = distill.load_genericizer_seeds()
+    queries = Lake(cfg.lake_dir).read_all("query_set", sources)
+    excluded = set(seeds["query"]) | set(distill.heldout_queries(cfg.root)["query"])
+    pool = queries[~queries["query"].isin(excluded)] if len(queries) else queries
+    sample = _sample(pool, d.get("silver_genericizer_queries"), seed)
+    teacher = teacher_config(cfg)
+    spec = teacher.models["genericize"]
+    reqs = [
+        genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature, spec.prompt_format)
+        for q in sample["query"]
+    ]
+    results, stats = _run_llm(teacher, "genericize", reqs, logger) if reqs else ([], None)
+    kept, rejected = genericize.genericize_results(sample, results) if reqs else (pd.DataFrame(), pd.DataFrame())
+    profile = teacher.raw.get("model_profile", "embedded")
+    silver = pd.DataFrame(
+        {
+            "example_id": [
+                distill._example_id("g", q, t)
+                for q, t in zip(kept.get("query", []), kept.get("template", []), strict=True)
+            ],
+            "source": kept.get("source", []),
+            "query": kept.get("query", []),
+            "template": kept.get("template", []),
+            "description": kept.get("description", []),
+            "provenance": f"silver:{profile}",
+        },
+        columns=distill.GENERICIZER_COLUMNS,
+    )
+    merged = pd.concat([seeds, silver], ignore_index=True)
+    dup = merged.duplicated("example_id", keep="first")
+    dups = merged[dup].assign(reason="duplicate_example", detail="")
+    out, invalid = distill.check_genericizer_examples(merged[~dup].reset_index(drop=True))
+    rej = _rejections([rejected.assign(provenance=f"silver:{profile}"), dups, invalid.assign(detail="")])
+    logger(f"silver genericizer examples: {len(seeds)} seeds + {len(silver)} silver of {len(sample)} sampled queries")
+    return _finish(
+        cfg,
+        "silver_genericizer_examples",
+        UNPARTITIONED,
+        out,
+        rej,
+        len(seeds) + len(sample),
+        "examples",
+        llm=stats,
+        seeds=len(seeds),
+        silver=int((out["provenance"] != "seed").sum()),
+        teacher=profile,
+    )
+
+
+def silver_instantiation_examples(cfg: Config, shards: list[str], logger: Logger = log.info) -> StageResult:
+    """Seeds + the teacher's instantiations of a sample of template matches that pass the excerpt rules.
+
+    The example keeps the window the teacher read (what the student will read) and the compact answer
+    with its excerpt tags (what the student must write). Documents of held-out articles never enter.
+    """
+    d = _settings(cfg)
+    seed = int(d.get("seed", 0))
+    ins = cfg.instantiation
+    window_chars = int(ins.get("window_chars", 1200))
+    seeds = distill.load_instantiation_seeds()
+    lake = Lake(cfg.lake_dir)
+    matches = lake.read_all("template_matches", shards)
+    docs = lake.read_all("documents", shards)
+    frames: list[pd.DataFrame] = []
+    if len(matches):
+        docs = docs.set_index("document_id")
+        held = docs.index[docs["title"].isin(distill.HELDOUT_ARTICLES)] if "title" in docs else []
+        matches = matches[~matches["document_id"].isin(set(held))]
+    sample = _sample(matches, d.get("silver_instantiation_matches"), seed)
+    teacher = teacher_config(cfg)
+    spec = teacher.models["instantiate"]
+    stats = None
+    silver_rows: list[dict[str, Any]] = []
+    if len(sample):
+        templates = lake.read("template_index").set_index("template_id")["template"]
+        windows, starts, reqs = [], [], []
+        for row in sample.itertuples(index=False):
+            start, window = instantiate.document_window(
+                docs.at[row.document_id, "text"], row.chunk_char_center, window_chars
+            )
+            windows.append(window)
+            starts.append(start)
+            reqs.append(
+                instantiate.build_request(
+                    templates[row.template_id],
+                    window,
+                    spec.model,
+                    spec.max_new_tokens,
+                    spec.temperature,
+                    constrain=_constrained(spec, ins.get("constrained_excerpts", True)),
+                    prompt_format=spec.prompt_format,
+                )
+            )
+        results, stats = _run_llm(teacher, "instantiate", reqs, logger)
+        profile = teacher.raw.get("model_profile", "embedded")
+        for row, window, res in zip(sample.itertuples(index=False), windows, results, strict=True):
+            template = templates[row.template_id]
+            base = {"match_id": row.match_id, "document_id": row.document_id, "template": template}
+            if res.error:
+                frames.append(pd.DataFrame([base | {"reason": "llm_error", "detail": res.error}]))
+                continue
+            check = instantiate.check_instantiation(
+                template,
+                window,
+                res.text,
+                0,
+                float(ins.get("min_excerpt_ratio", 0.8)),
+                int(ins.get("max_span_chars", 4000)),
+                int(ins.get("min_answer_words", 0)),
+            )
+            if check.status != "ok" or check.parsed is None:
+                # A teacher's `null` is not trusted as a label; the seeds teach refusals.
+                frames.append(pd.DataFrame([base | {"reason": f"teacher_{check.status}", "detail": check.detail}]))
+                continue
+            silver_rows.append(
+                {
+                    "example_id": distill._example_id("i", row.document_id, template),
+                    "corpus": row.corpus,
+                    "document_id": row.document_id,
+                    "template": template,
+                    "document": window,
+                    "instruction": check.parsed.instruction,
+                    "answer": check.parsed.answer,
+                    "provenance": f"silver:{profile}",
+                }
+            )
+    silver = pd.DataFrame(silver_rows, columns=distill.INSTANTIATION_COLUMNS)
+    merged = pd.concat([seeds, silver], ignore_index=True)
+    dup = merged.duplicated("example_id", keep="first")
+    frames.append(merged[dup].assign(reason="duplicate_example", detail=""))
+    out, invalid = distill.check_instantiation_examples(
+        merged[~dup].reset_index(drop=True),
+        float(ins.get("min_excerpt_ratio", 0.8)),
+        int(ins.get("max_span_chars", 4000)),
+        int(ins.get("min_answer_words", 0)),
+    )
+    frames.append(invalid.assign(detail=""))
+    logger(f"silver instantiation examples: {len(seeds)} seeds + {len(silver)} silver of {len(sample)} matches")
+    return _finish(
+        cfg,
+        "silver_instantiation_examples",
+        UNPARTITIONED,
+        out,
+        _rejections(frames),
+        len(seeds) + len(sample),
+        "examples",
+        llm=stats,
+        seeds=len(seeds),
+        silver=int((out["provenance"] != "seed").sum()),
+    )
+
+
+# ------------------------------------------------------------------------------------ students
+
+
+def _svg_markdown(report_series: dict[str, list[tuple[int, float]]]) -> str:
+    svg = loss_curve_svg(report_series)
+    return f"![loss curve](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})"
+
+
+def model_dir(cfg: Config, asset: str) -> Path:
+    """Where a training asset leaves its model (`<data_dir>/models/<asset>/model`)."""
+    return cfg.data_dir / "models" / asset
+
+
+def _train_result(cfg: Config, asset: str, report: TrainReport, rows_in: int, **extra: Any) -> StageResult:
+    first_eval = report.eval_losses[0][1] if report.eval_losses else None
+    last_eval = report.eval_losses[-1][1] if report.eval_losses else None
+    row = {
+        "model_id": content_id("model", asset, report.model_dir, report.steps, report.losses[-1:] or None),
+        "model_dir": report.model_dir,
+        "steps": report.steps,
+        "train_examples": report.train_examples,
+        "eval_examples": report.eval_examples,
+        "final_train_loss": report.losses[-1][1] if report.losses else None,
+        "eval_loss_before": first_eval,
+        "eval_loss_after": last_eval,
+        "seconds": report.seconds,
+    }
+    rej = pd.DataFrame(
+        [{"reason": "too_long_for_max_tokens", "detail": ""}] * report.skipped_too_long, columns=["reason", "detail"]
+    )
+    return _finish(
+        cfg,
+        asset,
+        UNPARTITIONED,
+        pd.DataFrame([row]),
+        rej,
+        rows_in,
+        "examples",
+        rows_out=report.train_examples + report.eval_examples,
+        loss_curve=_svg_markdown({"train": report.losses, "held-out": report.eval_losses}),
+        eval_losses=report.eval_losses,
+        train_seconds=report.seconds,
+        resumed_from_step=report.resumed_from_step,
+        **extra,
+    )
+
+
+def _train_student(cfg: Config, asset: str, examples: list, settings: dict[str, Any], logger: Logger) -> TrainReport:
+    d = _settings(cfg)
+    base, _ = resolve_llm(d.get("student", "embedded:smollm2-135m-instruct"), cfg.cache_dir)
+    return train_causal_lm(
+        base,
+        examples,
+        model_dir(cfg, asset),
+        epochs=int(settings.get("epochs", 3)),
+        lr=float(settings.get("lr", 5e-5)),
+        batch_size=int(settings.get("batch_size", 8)),
+        max_tokens=int(settings.get("max_tokens", 512)),
+        eval_share=float(settings.get("eval_share", 0.1)),
+        seed=int(d.get("seed", 0)),
+        checkpoint_every=int(settings.get("checkpoint_every", 50)),
+        max_steps=settings.get("max_steps"),
+        time_budget_s=settings.get("time_budget_s"),
+        logger=logger,
+    )
+
+
+def _require_finished(asset: str, report: TrainReport) -> None:
+    if not report.finished:
+        raise TimeoutError(
+            f"{asset}: the time budget ran out at step {report.steps}; the checkpoint is kept, materialize again "
+            "to resume"
+        )
+
+
+def genericizer_model(cfg: Config, logger: Logger = log.info) -> StageResult:
+    examples = Lake(cfg.lake_dir).read("silver_genericizer_examples")
+    sft = distill.genericizer_sft_examples(examples)
+    report = _train_student(cfg, "genericizer_model", sft, _settings(cfg).get("genericizer") or {}, logger)
+    _require_finished("genericizer_model", report)
+    return _train_result(cfg, "genericizer_model", report, len(examples))
+
+
+def instantiator_model(cfg: Config, logger: Logger = log.info) -> StageResult:
+    examples = Lake(cfg.lake_dir).read("silver_instantiation_examples")
+    sft = distill.instantiation_sft_examples(examples, int(cfg.instantiation.get("window_chars", 1200)))
+    report = _train_student(cfg, "instantiator_model", sft, _settings(cfg).get("instantiator") or {}, logger)
+    _require_finished("instantiator_model", report)
+    return _train_result(cfg, "instantiator_model", report, len(examples))
+
+
+# ------------------------------------------------------------------------------------ matching embedding
+
+
+def matching_embedding(cfg: Config, logger: Logger = log.info) -> StageResult:
+    """Round one on (question, paragraph) labels from the training articles: own paragraph 1, the
+    base model's top-ranked paragraph of another article 0. Round two on the labelled paragraph's best
+    Gaussian chunk. Recall@10 on the held-out articles is measured before and after."""
+    from .embed import Embedder
+    from .evaluation import evaluate, load_labelled_set, subset_by_titles
+
+    e = dict(_settings(cfg).get("embedding") or {})
+    seed = int(_settings(cfg).get("seed", 0))
+    m = cfg.matching
+    K, sigma, alpha = int(m.get("k", 5)), float(m.get("sigma", 0.05)), float(m.get("alpha", 1.0))
+    data = load_labelled_set(cfg.root / e["questions"], cfg.root / e["paragraphs"])
+    train = subset_by_titles(data, distill.HELDOUT_ARTICLES, keep=False)
+    held = subset_by_titles(data, distill.HELDOUT_ARTICLES, keep=True)
+    if e.get("max_heldout_questions") and len(held.questions) > int(e["max_heldout_questions"]):
+        held = subset_by_titles(
+            held, distill.HELDOUT_ARTICLES, keep=True, max_questions=int(e["max_heldout_questions"])
+        )
+    base = Embedder(cfg.embedder)
+
+    def recall(embedder: Embedder) -> dict[str, Any]:
+        pooled = embedder.embed_documents(held.texts, K, sigma, alpha)
+        keep = [True] * len(held.questions)
+        return evaluate(held, list(held.questions), keep, embedder, pooled, float(m.get("threshold", 0.25)))["metrics"]
+
+    before = recall(base)
+    logger(
+        f"held-out recall@10 before: global {before['global']['recall@10']}, gaussian {before['gaussian']['recall@10']}"
+    )
+
+    # Labels: positives, and the hardest negative of another article under the base model.
+    rng = np.random.default_rng(seed)
+    q_idx = np.arange(len(train.questions))
+    if e.get("max_pairs") and len(q_idx) > int(e["max_pairs"]) // 2:
+        q_idx = np.sort(rng.choice(q_idx, size=int(e["max_pairs"]) // 2, replace=False))
+    P = base.embed_texts(train.texts)
+    Q = base.embed_texts([train.questions[i] for i in q_idx])
+    pid_pos = {p: j for j, p in enumerate(train.pids)}
+    pairs: list[tuple[str, str, float]] = []
+    for row, qi in enumerate(q_idx):
+        own = pid_pos[train.question_pids[qi]]
+        sims = P @ Q[row]
+        other = [j for j in np.argsort(-sims) if train.titles[j] != train.titles[own]]
+        pairs.append((train.questions[qi], train.texts[own], 1.0))
+        if other:
+            pairs.append((train.questions[qi], train.texts[other[0]], 0.0))
+    out_root = model_dir(cfg, "matching_embedding")
+    settings = dict(
+        epochs=int(e.get("epochs", 1)),
+        lr=float(e.get("lr", 2e-5)),
+        batch_size=int(e.get("batch_size", 16)),
+        max_tokens=min(base.window, int(e.get("max_tokens", 256))),
+        eval_share=float(e.get("eval_share", 0.1)),
+        seed=seed,
+        checkpoint_every=int(e.get("checkpoint_every", 100)),
+        max_steps=e.get("max_steps"),
+        time_budget_s=e.get("time_budget_s"),
+        logger=logger,
+    )
+    round1 = train_embedder(base.path, pairs, out_root / "round1", **settings)
+    _require_finished("matching_embedding", round1)
+    reports = {"round1": round1}
+    final_dir = Path(round1.model_dir)
+    if e.get("round_two", True):
+        # The labelled chunk: the local vector of the paragraph that the round-one model finds closest.
+        tuned = Embedder(str(final_dir))
+        pooled = tuned.embed_documents([p[1] for p in pairs], K, sigma, alpha)
+        qv = tuned.embed_texts([p[0] for p in pairs])
+        chunk_of = [int(np.argmax(doc.vectors[1:] @ q)) + 1 for doc, q in zip(pooled, qv, strict=True)]
+        round2 = train_embedder(final_dir, pairs, out_root / "round2", chunk=(K, sigma), chunk_of=chunk_of, **settings)
+        _require_finished("matching_embedding", round2)
+        reports["round2"] = round2
+        final_dir = Path(round2.model_dir)
+    after = recall(Embedder(str(final_dir)))
+    logger(
+        f"held-out recall@10 after: global {after['global']['recall@10']}, gaussian {after['gaussian']['recall@10']}"
+    )
+    last = reports.get("round2", round1)
+    last.model_dir = str(final_dir)
+    series = {f"{name} train": r.losses for name, r in reports.items()}
+    series |= {f"{name} held-out": r.eval_losses for name, r in reports.items()}
+    result = _train_result(
+        cfg,
+        "matching_embedding",
+        last,
+        len(pairs),
+        heldout_recall_before={k: before[k] for k in ("global", "gaussian")},
+        heldout_recall_after={k: after[k] for k in ("global", "gaussian")},
+        heldout_articles=list(distill.HELDOUT_ARTICLES),
+        rounds={name: r.as_dict() | {"losses": None} for name, r in reports.items()},
+    )
+    result.accounting.extra["loss_curve"] = _svg_markdown(series)
+    result.extra["loss_curve"] = result.accounting.extra["loss_curve"]
+    Lake(cfg.lake_dir).write_accounting(result.accounting)
+    return result
+
+
+# ------------------------------------------------------------------------------------ students vs raw
+
+
+def compare_students(
+    baseline: Config,
+    student: Config,
+    queries_per_source: int = 20,
+    paragraphs: int = 30,
+    logger: Logger = log.info,
+) -> dict[str, Any]:
+    """Held-out comparison of two profiles' genericizer and instantiator on inputs no training used.
+
+    Genericizer: share of outputs on held-out queries that pass the validator. Instantiator: on the
+    held-out SQuAD articles' paragraphs, each paired with its best-matching seed template (the same pairs
+    for both), the share that passes the excerpt rules, and the share that also scores >= min_score
+    under the baseline's judge (one judge for both sides).
+    """
+    from . import judge
+    from .embed import Embedder
+    from .stages import ProgressReporter, llm_for
+    from .templates import check_template
+
+    report: dict[str, Any] = {}
+    queries = distill.heldout_queries(baseline.root, queries_per_source)
+    docs = distill.heldout_paragraphs(
+        baseline.root / str((_settings(baseline).get("embedding") or {}).get("paragraphs", "")), paragraphs
+    )
+    bank = distill.load_genericizer_seeds().drop_duplicates("template")
+    emb = Embedder(baseline.embedder)
+    sims = emb.embed_texts(list(docs["text"])) @ emb.embed_texts(list(bank["description"])).T
+    pairs = docs.assign(template=[bank["template"].iloc[int(np.argmax(s))] for s in sims])
+    ins = baseline.instantiation
+    window_chars = int(ins.get("window_chars", 1200))
+    min_score = int(baseline.judge.get("min_score", 4))
+    judge_spec = baseline.models["judge"]
+    for name, cfg in (("baseline", baseline), ("student", student)):
+        g = cfg.models["genericize"]
+        reqs = [
+            genericize.build_request(q, g.model, g.max_new_tokens, g.temperature, g.prompt_format)
+            for q in queries["query"]
+        ]
+        results = llm_for(cfg, "genericize").generate(reqs, progress=ProgressReporter(f"{name} genericize", logger))
+        passed = []
+        for q, r in zip(queries["query"], results, strict=True):
+            parsed = None if r.error else genericize.parse_output(r.text)
+            passed.append(bool(parsed) and check_template(parsed[0], parsed[1], q).ok)
+        by_source = queries.assign(ok=passed).groupby("source")["ok"].mean().round(3).to_dict()
+
+        s = cfg.models["instantiate"]
+        windows = [instantiate.document_window(t, 0, window_chars)[1] for t in pairs["text"]]
+        reqs = [
+            instantiate.build_request(
+                t,
+                w,
+                s.model,
+                s.max_new_tokens,
+                s.temperature,
+                constrain=_constrained(s, ins.get("constrained_excerpts", True)),
+                prompt_format=s.prompt_format,
+            )
+            for t, w in zip(pairs["template"], windows, strict=True)
+        ]
+        results = llm_for(cfg, "instantiate").generate(reqs, progress=ProgressReporter(f"{name} instantiate", logger))
+        checks = [
+            instantiate.check_instantiation(
+                t,
+                w,
+                r.text if not r.error else "",
+                0,
+                float(ins.get("min_excerpt_ratio", 0.8)),
+                int(ins.get("max_span_chars", 4000)),
+                int(ins.get("min_answer_words", 0)),
+            )
+            for t, w, r in zip(pairs["template"], windows, results, strict=True)
+        ]
+        ok = [c for c in checks if c.status == "ok" and c.parsed is not None and c.expansion is not None]
+        jreqs = [
+            judge.build_request(
+                c.parsed.instruction,
+                c.expansion.text,
+                judge_spec.model,
+                judge_spec.max_new_tokens,
+                _constrained(judge_spec, baseline.judge.get("constrained_score", True)),
+                judge_spec.prompt_format,
+            )
+            for c in ok
+        ]
+        scores = [judge.parse_output(r.text) for r in llm_for(baseline, "judge").generate(jreqs)] if jreqs else []
+        accepted = sum(1 for sc in scores if sc and sc[0] >= min_score)
+        statuses = pd.Series([c.status for c in checks]).value_counts().to_dict()
+        report[name] = {
+            "genericizer": {
+                "model": g.model,
+                "queries": len(queries),
+                "valid_share": round(float(np.mean(passed)), 3) if passed else 0.0,
+                "valid_share_by_source": by_source,
+            },
+            "instantiator": {
+                "model": s.model,
+                "pairs": len(pairs),
+                "excerpt_rule_share": round(len(ok) / len(pairs), 3) if len(pairs) else 0.0,
+                "excerpt_rule_and_judge_share": round(accepted / len(pairs), 3) if len(pairs) else 0.0,
+                "status_counts": {str(k): int(v) for k, v in statuses.items()},
+            },
+        }
+        logger(f"{name}: {report[name]}")
+    return report

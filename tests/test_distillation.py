@@ -1,0 +1,120 @@
+"""The distillation loop: the checked-in seeds pass the project's own validators, students train for a
+few steps on a tiny set and reload, training resumes from its checkpoint, and the distillation assets
+materialize through Dagster with their loss curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import ROOT, make_tiny_project
+from dagster import DagsterInstance, materialize
+
+from fineinstructions_assets.assets import (
+    genericizer_model,
+    matching_embedding,
+    query_set,
+    raw_queries,
+    silver_genericizer_examples,
+)
+from fineinstructions_assets.partitions import register_partitions
+from fineinstructions_assets.resources import FineInstructionsResource
+from fineinstructions_core import distill, genericize
+from fineinstructions_core.config import load_config
+from fineinstructions_core.excerpts import expand_answer
+from fineinstructions_core.llm.models import EMBEDDED_LLM, resolve_llm
+from fineinstructions_core.llm.transformers_backend import TransformersBackend
+from fineinstructions_core.templates import check_template
+from fineinstructions_core.training import train_causal_lm
+
+CACHE = Path(os.environ["FI_MODEL_CACHE"])
+
+
+def test_seed_examples_pass_the_validators_and_the_excerpt_expander():
+    gen = distill.load_genericizer_seeds()
+    assert len(gen) >= 200 and gen["example_id"].is_unique
+    counts = gen["source"].value_counts()
+    assert set(counts.index) == {"nq_open", "wellformedness", "cqadupstack", "webquestions", "arena_hard"}
+    assert counts.min() >= 25  # spread over every shipped source's style
+    for row in gen.itertuples():
+        assert check_template(row.template, row.description, row.query).ok, row.query
+    kept, rejected = distill.check_genericizer_examples(gen)
+    assert len(kept) == len(gen) and rejected.empty
+
+    ins = distill.load_instantiation_seeds()
+    assert len(ins) >= 60 and ins["example_id"].is_unique
+    nulls = ins["instruction"].isna()
+    assert 3 <= nulls.sum() <= len(ins) // 5  # a few refusals, as in the paper's training data
+    for row in ins[~nulls].itertuples():
+        exp = expand_answer(row.answer, row.document)
+        assert exp.spans and exp.ratio >= 0.8, row.document_id
+    kept, rejected = distill.check_instantiation_examples(ins)
+    assert len(kept) == len(ins) and rejected.empty
+    # Seeds never touch the evaluation data.
+    titles = {
+        json.loads(x)["pid"]: json.loads(x)["title"]
+        for x in open(ROOT / "sample_data/documents/squad_v2_half_paragraphs.jsonl")
+    }
+    assert not {titles.get(d) for d in ins["document_id"]} & set(distill.HELDOUT_ARTICLES)
+    assert not set(gen["query"]) & set(distill.heldout_queries(ROOT)["query"])
+
+
+def test_student_trains_a_few_steps_resumes_and_reloads(tmp_path: Path):
+    base, _ = resolve_llm(EMBEDDED_LLM, CACHE)
+    examples = distill.genericizer_sft_examples(distill.load_genericizer_seeds().head(6))
+    out = tmp_path / "student"
+    stopped = train_causal_lm(base, examples, out, epochs=1, batch_size=2, eval_share=0.34, time_budget_s=0)
+    assert not stopped.finished and stopped.steps == 1 and (out / "checkpoint.pt").exists()
+    assert not (out / "model").exists()  # nothing half-trained is ever presented as a model
+    done = train_causal_lm(base, examples, out, epochs=1, batch_size=2, eval_share=0.34)
+    assert done.finished and done.resumed_from_step == 1 and done.steps == 2
+    assert [s for s, _ in done.losses] == [1, 2] and len(done.eval_losses) == 2
+    assert not (out / "checkpoint.pt").exists() and (out / "model" / "config.json").exists()
+
+    student = TransformersBackend(str(out / "model"), CACHE, batch_size=1)
+    req = genericize.build_request("how do i boil an egg", str(out / "model"), 12, 0.0, "fineinstructions")
+    [result] = student.generate([req])
+    assert result.error is None and result.completion_tokens > 0
+    assert student.identity != TransformersBackend(EMBEDDED_LLM, CACHE).identity  # new weights, new cache keys
+
+
+def test_distillation_assets_materialize(tmp_path: Path, dagster_home: Path):
+    project = make_tiny_project(tmp_path, queries=3, docs=1)
+    overrides = {
+        "distillation": {
+            "silver_genericizer_queries": 2,
+            "genericizer": {"epochs": 1, "batch_size": 4, "max_steps": 2},
+            "embedding": {"max_pairs": 16, "max_steps": 2, "batch_size": 4, "max_heldout_questions": 40},
+        }
+    }
+    fi = FineInstructionsResource(config_path=str(project), overrides=json.dumps(overrides))
+    cfg = fi.load()
+    instance = DagsterInstance.get()
+    register_partitions(cfg, instance)
+    for source in ("nq", "wf"):
+        assert materialize(
+            [raw_queries, query_set], partition_key=source, instance=instance, resources={"fi": fi}
+        ).success
+    result = materialize(
+        [silver_genericizer_examples, genericizer_model, matching_embedding], instance=instance, resources={"fi": fi}
+    )
+    assert result.success
+    checks = {(e.asset_key.to_user_string(), e.check_name): e.passed for e in result.get_asset_check_evaluations()}
+    assert all(passed for (_, name), passed in checks.items() if name != "yield"), checks
+
+    silver = result.asset_materializations_for_node("silver_genericizer_examples")[0].metadata
+    assert silver["seeds"].value == len(distill.load_genericizer_seeds())
+    model_meta = result.asset_materializations_for_node("genericizer_model")[0].metadata
+    assert model_meta["loss_curve"].value.startswith("![loss curve](data:image/svg+xml;base64,")
+    embed_meta = result.asset_materializations_for_node("matching_embedding")[0].metadata
+    before, after = embed_meta["heldout_recall_before"].value, embed_meta["heldout_recall_after"].value
+    assert 0 < before["global"]["recall@10"] <= 1 and 0 < after["global"]["recall@10"] <= 1
+
+    # The distilled profile picks up what was trained (the instantiator is not trained in this test).
+    distilled = load_config(project, overrides | {"model_profile": "distilled"})
+    assert Path(distilled.models["genericize"].model, "config.json").exists()
+    assert Path(distilled.embedder, "config.json").exists()
+    student = TransformersBackend(distilled.models["genericize"].model, CACHE, batch_size=1)
+    req = genericize.build_request("who wrote hamlet", "s", 24, 0.0, distilled.models["genericize"].prompt_format)
+    assert student.generate([req])[0].error is None
