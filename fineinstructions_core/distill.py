@@ -46,7 +46,7 @@ INSTANTIATION_COLUMNS = [
 ]
 
 
-def _example_id(*parts: object) -> str:
+def example_id(*parts: object) -> str:
     from .ids import content_id
 
     return content_id("ex", *[json.dumps(p, ensure_ascii=False) for p in parts])
@@ -62,14 +62,14 @@ def load_genericizer_seeds(path: Path | None = None) -> pd.DataFrame:
             "description": [r["compatible_document_description"] for r in rows],
         }
     )
-    df.insert(0, "example_id", [_example_id("g", q, t) for q, t in zip(df["query"], df["template"], strict=True)])
+    df.insert(0, "example_id", [example_id("g", q, t) for q, t in zip(df["query"], df["template"], strict=True)])
     return df.assign(provenance="seed")[GENERICIZER_COLUMNS]
 
 
 def load_instantiation_seeds(path: Path | None = None) -> pd.DataFrame:
     rows = [json.loads(line) for line in open(path or SEEDS_DIR / "instantiation.jsonl", encoding="utf-8")]
     df = pd.DataFrame(rows, columns=[c for c in INSTANTIATION_COLUMNS if c not in ("example_id", "provenance")])
-    df.insert(0, "example_id", [_example_id("i", d, t) for d, t in zip(df["document_id"], df["template"], strict=True)])
+    df.insert(0, "example_id", [example_id("i", d, t) for d, t in zip(df["document_id"], df["template"], strict=True)])
     return df.assign(provenance="seed")[INSTANTIATION_COLUMNS]
 
 

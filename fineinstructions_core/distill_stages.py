@@ -65,23 +65,13 @@ def silver_genericizer_examples(cfg: Config, sources: list[str], logger: Logger 
         genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature, spec.prompt_format)
         for q in sample["query"]
     ]
-    results, stats = _run_llm(teacher, "genericize", reqs, logger) if reqs else ([], None)
-    kept, rejected = genericize.genericize_results(sample, results) if reqs else (pd.DataFrame(), pd.DataFrame())
+    results, stats = _run_llm(teacher, "genericize", reqs, logger)
+    kept, rejected = genericize.genericize_results(sample, results)
     profile = teacher.raw.get("model_profile", "embedded")
-    silver = pd.DataFrame(
-        {
-            "example_id": [
-                distill._example_id("g", q, t)
-                for q, t in zip(kept.get("query", []), kept.get("template", []), strict=True)
-            ],
-            "source": kept.get("source", []),
-            "query": kept.get("query", []),
-            "template": kept.get("template", []),
-            "description": kept.get("description", []),
-            "provenance": f"silver:{profile}",
-        },
-        columns=distill.GENERICIZER_COLUMNS,
-    )
+    silver = kept.assign(
+        example_id=[distill.example_id("g", q, t) for q, t in zip(kept["query"], kept["template"], strict=True)],
+        provenance=f"silver:{profile}",
+    )[distill.GENERICIZER_COLUMNS]
     merged = pd.concat([seeds, silver], ignore_index=True)
     dup = merged.duplicated("example_id", keep="first")
     dups = merged[dup].assign(reason="duplicate_example", detail="")
@@ -170,7 +160,7 @@ def silver_instantiation_examples(cfg: Config, shards: list[str], logger: Logger
                 continue
             silver_rows.append(
                 {
-                    "example_id": distill._example_id("i", row.document_id, template),
+                    "example_id": distill.example_id("i", row.document_id, template),
                     "corpus": row.corpus,
                     "document_id": row.document_id,
                     "template": template,

@@ -226,7 +226,7 @@ def train_causal_lm(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        report.losses.append((step, round(float(loss), 4)))
+        report.losses.append((step, round(loss.item(), 4)))
         if step % steps_per_epoch == 0 or step == total:
             report.eval_losses.append((step, round(eval_loss(), 4)))
         if checkpoint_every and step % checkpoint_every == 0 and step < total:
@@ -241,7 +241,7 @@ def train_causal_lm(
             last_log = time.perf_counter()
             elapsed = time.perf_counter() - started
             eta = elapsed / max(1, step - report.resumed_from_step) * (total - step)
-            logger(f"train step {step}/{total}, loss {float(loss):.3f}, ETA {eta:.0f}s")
+            logger(f"train step {step}/{total}, loss {loss.item():.3f}, ETA {eta:.0f}s")
     report.steps = step
     model.config.use_cache = True
     _save_model_dir(model, tokenizer, out_dir / "model")
@@ -357,7 +357,7 @@ def train_embedder(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        report.losses.append((step, round(float(loss), 4)))
+        report.losses.append((step, round(loss.item(), 4)))
         if step % steps_per_epoch == 0 or step == total:
             report.eval_losses.append((step, round(eval_loss(), 4)))
         if checkpoint_every and step % checkpoint_every == 0 and step < total:
@@ -370,7 +370,7 @@ def train_embedder(
             return report
         if time.perf_counter() - last_log >= 15 or step == total:
             last_log = time.perf_counter()
-            logger(f"embedding step {step}/{total}, loss {float(loss):.4f}")
+            logger(f"embedding step {step}/{total}, loss {loss.item():.4f}")
     report.steps = step
     extra = [base_dir / n for n in ("sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")]
     _save_model_dir(model, tokenizer, out_dir / "model", extra)

@@ -85,7 +85,14 @@ def test_distillation_assets_materialize(tmp_path: Path, dagster_home: Path):
         "distillation": {
             "silver_genericizer_queries": 2,
             "genericizer": {"epochs": 1, "batch_size": 4, "max_steps": 2},
-            "embedding": {"max_pairs": 16, "max_steps": 2, "batch_size": 4, "max_heldout_questions": 40},
+            "embedding": {
+                "questions": str(ROOT / "sample_data/eval/squad_v2_half_questions.jsonl"),
+                "paragraphs": str(ROOT / "sample_data/documents/squad_v2_half_paragraphs.jsonl"),
+                "max_pairs": 16,
+                "max_steps": 2,
+                "batch_size": 4,
+                "max_heldout_questions": 40,
+            },
         }
     }
     fi = FineInstructionsResource(config_path=str(project), overrides=json.dumps(overrides))
