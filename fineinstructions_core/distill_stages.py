@@ -19,7 +19,7 @@ from .config import Config, parse_config
 from .ids import content_id
 from .io.lake import UNPARTITIONED, Lake
 from .llm.models import resolve_llm
-from .stages import Logger, StageResult, _constrained, _finish, _run_llm
+from .stages import Logger, StageResult, _constrained, _finish, _run_llm, instantiation_requests
 from .training import TrainReport, loss_curve_svg, train_causal_lm, train_embedder
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,6 @@ def silver_instantiation_examples(cfg: Config, shards: list[str], logger: Logger
     d = _settings(cfg)
     seed = int(d.get("seed", 0))
     ins = cfg.instantiation
-    window_chars = int(ins.get("window_chars", 1200))
     seeds = distill.load_instantiation_seeds()
     lake = Lake(cfg.lake_dir)
     matches = lake.read_all("template_matches", shards)
@@ -114,29 +113,11 @@ def silver_instantiation_examples(cfg: Config, shards: list[str], logger: Logger
         matches = matches[~matches["document_id"].isin(set(held))]
     sample = _sample(matches, d.get("silver_instantiation_matches"), seed)
     teacher = teacher_config(cfg)
-    spec = teacher.models["instantiate"]
     stats = None
     silver_rows: list[dict[str, Any]] = []
     if len(sample):
         templates = lake.read("template_index").set_index("template_id")["template"]
-        windows, starts, reqs = [], [], []
-        for row in sample.itertuples(index=False):
-            start, window = instantiate.document_window(
-                docs.at[row.document_id, "text"], row.chunk_char_center, window_chars
-            )
-            windows.append(window)
-            starts.append(start)
-            reqs.append(
-                instantiate.build_request(
-                    templates[row.template_id],
-                    window,
-                    spec.model,
-                    spec.max_new_tokens,
-                    spec.temperature,
-                    constrain=_constrained(spec, ins.get("constrained_excerpts", True)),
-                    prompt_format=spec.prompt_format,
-                )
-            )
+        _, windows, reqs = instantiation_requests(teacher, sample, docs["text"], templates)
         results, stats = _run_llm(teacher, "instantiate", reqs, logger)
         profile = teacher.raw.get("model_profile", "embedded")
         for row, window, res in zip(sample.itertuples(index=False), windows, results, strict=True):

@@ -352,23 +352,22 @@ def template_matches(cfg: Config, shard_key: str, logger: Logger = log.info) -> 
     )
 
 
-def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) -> StageResult:
-    lake = Lake(cfg.lake_dir)
-    matches = lake.read("template_matches", shard_key)
-    docs = lake.read("documents", shard_key).set_index("document_id")
-    templates = lake.read("template_index").set_index("template_id")
+def instantiation_requests(
+    cfg: Config, matches: pd.DataFrame, texts: pd.Series, templates: pd.Series
+) -> tuple[list[int], list[str], list[GenerationRequest]]:
+    """(window starts, windows, requests) for template matches: each request reads the window of its
+    document around the chunk that retrieved the template, under `cfg`'s instantiate model and format."""
     spec = cfg.models["instantiate"]
     ins = cfg.instantiation
     window_chars = int(ins.get("window_chars", 1200))
-    reqs, starts = [], []
+    starts, windows, reqs = [], [], []
     for row in matches.itertuples(index=False):
-        start, window = instantiate.document_window(
-            docs.at[row.document_id, "text"], row.chunk_char_center, window_chars
-        )
+        start, window = instantiate.document_window(texts[row.document_id], row.chunk_char_center, window_chars)
         starts.append(start)
+        windows.append(window)
         reqs.append(
             instantiate.build_request(
-                templates.at[row.template_id, "template"],
+                templates[row.template_id],
                 window,
                 spec.model,
                 spec.max_new_tokens,
@@ -377,6 +376,16 @@ def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) ->
                 prompt_format=spec.prompt_format,
             )
         )
+    return starts, windows, reqs
+
+
+def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) -> StageResult:
+    lake = Lake(cfg.lake_dir)
+    matches = lake.read("template_matches", shard_key)
+    docs = lake.read("documents", shard_key).set_index("document_id")
+    templates = lake.read("template_index").set_index("template_id")
+    starts, _, reqs = instantiation_requests(cfg, matches, docs["text"], templates["template"])
+    ins = cfg.instantiation
     results, stats = _run_llm(cfg, "instantiate", reqs, logger)
     out, rej = instantiate.instantiate_results(
         matches.assign(template=[templates.at[t, "template"] for t in matches["template_id"]]),

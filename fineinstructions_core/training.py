@@ -117,6 +117,74 @@ def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
+def _optimize(
+    model: Any,
+    optimizer: Any,
+    ckpt: _Checkpoint,
+    report: TrainReport,
+    batch_loss: Callable[[Sequence[int]], Any],
+    eval_loss: Callable[[], float],
+    train_idx: np.ndarray,
+    *,
+    total: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    checkpoint_every: int,
+    time_budget_s: float | None,
+    started: float,
+    label: str,
+    logger: Logger,
+) -> bool:
+    """The training loop both trainers share: resume, seeded epoch order, linear warmup and decay,
+    clipping, held-out loss per epoch, checkpoints. False when the time budget stopped it early."""
+    import torch
+
+    step = 0
+    state = ckpt.load()
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = report.resumed_from_step = int(state["step"])
+        report.losses = [tuple(x) for x in state["report"]["losses"]]
+        report.eval_losses = [tuple(x) for x in state["report"]["eval_losses"]]
+        logger(f"resuming from the checkpoint at step {step}/{total}")
+    if step == 0:
+        report.eval_losses.append((0, round(eval_loss(), 4)))
+    model.train()
+    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+    last_log = time.perf_counter()
+    while step < total:
+        order = np.random.default_rng(seed + step // steps_per_epoch).permutation(train_idx)
+        b = step % steps_per_epoch
+        for g in optimizer.param_groups:
+            g["lr"] = _lr_at(step, total, lr, warmup)
+        loss = batch_loss(order[b * batch_size : (b + 1) * batch_size])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        report.steps = step
+        report.losses.append((step, round(loss.item(), 4)))
+        if step % steps_per_epoch == 0 or step == total:
+            report.eval_losses.append((step, round(eval_loss(), 4)))
+        if checkpoint_every and step % checkpoint_every == 0 and step < total:
+            ckpt.save(model, optimizer, step, report)
+        if time_budget_s is not None and time.perf_counter() - started >= time_budget_s and step < total:
+            ckpt.save(model, optimizer, step, report)
+            logger(f"time budget of {time_budget_s:.0f}s spent at step {step}/{total}; rerun to resume")
+            report.finished = False
+            report.seconds = round(time.perf_counter() - started, 1)
+            return False
+        if time.perf_counter() - last_log >= 15 or step == total:
+            last_log = time.perf_counter()
+            eta = (time.perf_counter() - started) / max(1, step - report.resumed_from_step) * (total - step)
+            logger(f"{label} step {step}/{total}, loss {loss.item():.4f}, ETA {eta:.0f}s")
+    return True
+
+
 # ------------------------------------------------------------------------------------ causal LM (SFT)
 
 
@@ -170,15 +238,6 @@ def train_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    step = 0
-    state = ckpt.load()
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = report.resumed_from_step = int(state["step"])
-        report.losses = [tuple(x) for x in state["report"]["losses"]]
-        report.eval_losses = [tuple(x) for x in state["report"]["eval_losses"]]
-        logger(f"resuming from the checkpoint at step {step}/{total}")
 
     def batch_tensors(idx: Sequence[int]) -> tuple[Any, Any, Any]:
         rows = [encoded[i] for i in idx]
@@ -207,42 +266,31 @@ def train_causal_lm(
         model.train()
         return total_loss / max(1, total_tokens)
 
-    if step == 0:
-        report.eval_losses.append((0, round(eval_loss(), 4)))
-    model.train()
-    last_log = time.perf_counter()
-    warmup = max(1, total // 20)
-    while step < total:
-        epoch = step // steps_per_epoch
-        order = np.random.default_rng(seed + epoch).permutation(train_idx)
-        b = step % steps_per_epoch
-        idx = order[b * batch_size : (b + 1) * batch_size]
+    def batch_loss(idx: Sequence[int]) -> Any:
         ids, labels, mask = batch_tensors(idx)
-        for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, total, lr, warmup)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        report.losses.append((step, round(loss.item(), 4)))
-        if step % steps_per_epoch == 0 or step == total:
-            report.eval_losses.append((step, round(eval_loss(), 4)))
-        if checkpoint_every and step % checkpoint_every == 0 and step < total:
-            ckpt.save(model, optimizer, step, report)
-        if time_budget_s is not None and time.perf_counter() - started >= time_budget_s and step < total:
-            ckpt.save(model, optimizer, step, report)
-            logger(f"time budget of {time_budget_s:.0f}s spent at step {step}/{total}; rerun to resume")
-            report.steps, report.finished = step, False
-            report.seconds = round(time.perf_counter() - started, 1)
-            return report
-        if time.perf_counter() - last_log >= 15 or step == total:
-            last_log = time.perf_counter()
-            elapsed = time.perf_counter() - started
-            eta = elapsed / max(1, step - report.resumed_from_step) * (total - step)
-            logger(f"train step {step}/{total}, loss {loss.item():.3f}, ETA {eta:.0f}s")
-    report.steps = step
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    finished = _optimize(
+        model,
+        optimizer,
+        ckpt,
+        report,
+        batch_loss,
+        eval_loss,
+        train_idx,
+        total=total,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=max(1, total // 20),
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        time_budget_s=time_budget_s,
+        started=started,
+        label="train",
+        logger=logger,
+    )
+    if not finished:
+        return report
     model.config.use_cache = True
     _save_model_dir(model, tokenizer, out_dir / "model")
     ckpt.remove()
@@ -294,15 +342,6 @@ def train_embedder(
         out_dir, _fingerprint(str(base_dir), pairs, epochs, lr, batch_size, max_tokens, seed, chunk, chunk_of, total)
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    step = 0
-    state = ckpt.load()
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = report.resumed_from_step = int(state["step"])
-        report.losses = [tuple(x) for x in state["report"]["losses"]]
-        report.eval_losses = [tuple(x) for x in state["report"]["eval_losses"]]
-        logger(f"resuming from the checkpoint at step {step}/{total}")
 
     def pooled(texts: list[str], chunks: list[int | None] | None) -> Any:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
@@ -340,38 +379,27 @@ def train_embedder(
         model.train()
         return sum(losses) / len(eval_idx)
 
-    if step == 0:
-        report.eval_losses.append((0, round(eval_loss(), 4)))
-    model.train()
-    warmup = max(1, total // 10)
-    last_log = time.perf_counter()
-    while step < total:
-        epoch = step // steps_per_epoch
-        order = np.random.default_rng(seed + epoch).permutation(train_idx)
-        b = step % steps_per_epoch
-        for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, total, lr, warmup)
-        loss = batch_loss(order[b * batch_size : (b + 1) * batch_size])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        report.losses.append((step, round(loss.item(), 4)))
-        if step % steps_per_epoch == 0 or step == total:
-            report.eval_losses.append((step, round(eval_loss(), 4)))
-        if checkpoint_every and step % checkpoint_every == 0 and step < total:
-            ckpt.save(model, optimizer, step, report)
-        if time_budget_s is not None and time.perf_counter() - started >= time_budget_s and step < total:
-            ckpt.save(model, optimizer, step, report)
-            logger(f"time budget of {time_budget_s:.0f}s spent at step {step}/{total}; rerun to resume")
-            report.steps, report.finished = step, False
-            report.seconds = round(time.perf_counter() - started, 1)
-            return report
-        if time.perf_counter() - last_log >= 15 or step == total:
-            last_log = time.perf_counter()
-            logger(f"embedding step {step}/{total}, loss {loss.item():.4f}")
-    report.steps = step
+    finished = _optimize(
+        model,
+        optimizer,
+        ckpt,
+        report,
+        batch_loss,
+        eval_loss,
+        train_idx,
+        total=total,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=max(1, total // 10),
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        time_budget_s=time_budget_s,
+        started=started,
+        label="embedding",
+        logger=logger,
+    )
+    if not finished:
+        return report
     extra = [base_dir / n for n in ("sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")]
     _save_model_dir(model, tokenizer, out_dir / "model", extra)
     ckpt.remove()

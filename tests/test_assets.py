@@ -29,12 +29,19 @@ def test_graph_shape():
         "instruction_pairs",
         "judged_corpus",
         "training_corpus",
+        "silver_genericizer_examples",
+        "silver_instantiation_examples",
+        "genericizer_model",
+        "instantiator_model",
+        "matching_embedding",
     }
     deps = {
         k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()
     }
     assert deps["template_matches"] == {"document_index", "template_index"}
     assert deps["training_corpus"] == {"judged_corpus"}
+    assert deps["genericizer_model"] == {"silver_genericizer_examples"}
+    assert deps["silver_instantiation_examples"] == {"template_matches", "template_index"}
 
 
 def test_materialize_query_stages_with_checks(tiny_project, dagster_home):
@@ -75,4 +82,4 @@ def test_sensor_registers_partitions_and_requests_runs(tiny_project, dagster_hom
 
 
 def test_all_assets_are_exported():
-    assert len(ALL_ASSETS) == 10
+    assert len(ALL_ASSETS) == 15  # the ten pipeline assets and the five of the distillation loop
