@@ -210,15 +210,11 @@ def _descriptions(cfg, data, mode: str) -> tuple[list[str], list[bool]]:
     if mode == "raw":
         return list(data.questions), [True] * len(data.questions)
     from fineinstructions_core import genericize
-    from fineinstructions_core.stages import ProgressReporter, llm_for
+    from fineinstructions_core.stages import ProgressReporter, genericize_requests, llm_for
     from fineinstructions_core.templates import check_template
 
-    spec = cfg.models["genericize"]
     llm = llm_for(cfg, "genericize")
-    reqs = [
-        genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature, spec.prompt_format)
-        for q in data.questions
-    ]
+    reqs = genericize_requests(cfg, data.questions)
     results = llm.generate(reqs, progress=ProgressReporter("genericize", lambda m: print(m, file=sys.stderr)))
     out, keep = [], []
     for q, r in zip(data.questions, results, strict=True):

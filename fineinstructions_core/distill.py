@@ -12,7 +12,6 @@ instantiation) and `heldout_queries` (query rows outside every range the seeds a
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -189,9 +188,3 @@ def heldout_paragraphs(paragraphs_path: Path, n: int = 30, min_chars: int = 300,
             "text": [r["text"] for r in picked],
         }
     )
-
-
-def split_by_title(titles: Sequence[str | None], heldout: Sequence[str] = HELDOUT_ARTICLES) -> np.ndarray:
-    """True where a row belongs to a held-out article."""
-    held = set(heldout)
-    return np.array([t in held for t in titles], dtype=bool)

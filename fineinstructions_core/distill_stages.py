@@ -19,7 +19,15 @@ from .config import Config, parse_config
 from .ids import content_id
 from .io.lake import UNPARTITIONED, Lake
 from .llm.models import resolve_llm
-from .stages import Logger, StageResult, _constrained, _finish, _run_llm, instantiation_requests
+from .stages import (
+    Logger,
+    StageResult,
+    _constrained,
+    _finish,
+    _run_llm,
+    genericize_requests,
+    instantiation_requests,
+)
 from .training import TrainReport, loss_curve_svg, train_causal_lm, train_embedder
 
 log = logging.getLogger(__name__)
@@ -60,12 +68,7 @@ def silver_genericizer_examples(cfg: Config, sources: list[str], logger: Logger 
     pool = queries[~queries["query"].isin(excluded)] if len(queries) else queries
     sample = _sample(pool, d.get("silver_genericizer_queries"), seed)
     teacher = teacher_config(cfg)
-    spec = teacher.models["genericize"]
-    reqs = [
-        genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature, spec.prompt_format)
-        for q in sample["query"]
-    ]
-    results, stats = _run_llm(teacher, "genericize", reqs, logger)
+    results, stats = _run_llm(teacher, "genericize", genericize_requests(teacher, sample["query"]), logger)
     kept, rejected = genericize.genericize_results(sample, results)
     profile = teacher.raw.get("model_profile", "embedded")
     silver = kept.assign(
@@ -190,7 +193,15 @@ def model_dir(cfg: Config, asset: str) -> Path:
     return cfg.data_dir / "models" / asset
 
 
-def _train_result(cfg: Config, asset: str, report: TrainReport, rows_in: int, **extra: Any) -> StageResult:
+def _train_result(
+    cfg: Config,
+    asset: str,
+    report: TrainReport,
+    rows_in: int,
+    curves: dict[str, list[tuple[int, float]]] | None = None,
+    **extra: Any,
+) -> StageResult:
+    """The one-row model table and its accounting; `curves` are the plotted losses (default: the report's)."""
     first_eval = report.eval_losses[0][1] if report.eval_losses else None
     last_eval = report.eval_losses[-1][1] if report.eval_losses else None
     row = {
@@ -216,7 +227,7 @@ def _train_result(cfg: Config, asset: str, report: TrainReport, rows_in: int, **
         rows_in,
         "examples",
         rows_out=report.train_examples + report.eval_examples,
-        loss_curve=_svg_markdown({"train": report.losses, "held-out": report.eval_losses}),
+        loss_curve=_svg_markdown(curves or {"train": report.losses, "held-out": report.eval_losses}),
         eval_losses=report.eval_losses,
         train_seconds=report.seconds,
         resumed_from_step=report.resumed_from_step,
@@ -348,24 +359,19 @@ def matching_embedding(cfg: Config, logger: Logger = log.info) -> StageResult:
     logger(
         f"held-out recall@10 after: global {after['global']['recall@10']}, gaussian {after['gaussian']['recall@10']}"
     )
-    last = reports.get("round2", round1)
-    last.model_dir = str(final_dir)
     series = {f"{name} train": r.losses for name, r in reports.items()}
     series |= {f"{name} held-out": r.eval_losses for name, r in reports.items()}
-    result = _train_result(
+    return _train_result(
         cfg,
         "matching_embedding",
-        last,
+        reports.get("round2", round1),  # its model_dir is the final model
         len(pairs),
+        series,
         heldout_recall_before={k: before[k] for k in ("global", "gaussian")},
         heldout_recall_after={k: after[k] for k in ("global", "gaussian")},
         heldout_articles=list(distill.HELDOUT_ARTICLES),
         rounds={name: r.as_dict() | {"losses": None} for name, r in reports.items()},
     )
-    result.accounting.extra["loss_curve"] = _svg_markdown(series)
-    result.extra["loss_curve"] = result.accounting.extra["loss_curve"]
-    Lake(cfg.lake_dir).write_accounting(result.accounting)
-    return result
 
 
 # ------------------------------------------------------------------------------------ students vs raw
@@ -387,8 +393,7 @@ def compare_students(
     """
     from . import judge
     from .embed import Embedder
-    from .stages import ProgressReporter, llm_for
-    from .templates import check_template
+    from .stages import ProgressReporter, instantiation_request, llm_for
 
     report: dict[str, Any] = {}
     queries = distill.heldout_queries(baseline.root, queries_per_source)
@@ -404,32 +409,16 @@ def compare_students(
     min_score = int(baseline.judge.get("min_score", 4))
     judge_spec = baseline.models["judge"]
     for name, cfg in (("baseline", baseline), ("student", student)):
-        g = cfg.models["genericize"]
-        reqs = [
-            genericize.build_request(q, g.model, g.max_new_tokens, g.temperature, g.prompt_format)
-            for q in queries["query"]
-        ]
+        reqs = genericize_requests(cfg, queries["query"])
         results = llm_for(cfg, "genericize").generate(reqs, progress=ProgressReporter(f"{name} genericize", logger))
-        passed = []
-        for q, r in zip(queries["query"], results, strict=True):
-            parsed = None if r.error else genericize.parse_output(r.text)
-            passed.append(bool(parsed) and check_template(parsed[0], parsed[1], q).ok)
+        # The pipeline's own parser and validator decide what passes.
+        kept, _ = genericize.genericize_results(queries.assign(query_id=queries.index.astype(str)), results)
+        passed = queries.index.astype(str).isin(kept["query_id"])
         by_source = queries.assign(ok=passed).groupby("source")["ok"].mean().round(3).to_dict()
 
         s = cfg.models["instantiate"]
         windows = [instantiate.document_window(t, 0, window_chars)[1] for t in pairs["text"]]
-        reqs = [
-            instantiate.build_request(
-                t,
-                w,
-                s.model,
-                s.max_new_tokens,
-                s.temperature,
-                constrain=_constrained(s, ins.get("constrained_excerpts", True)),
-                prompt_format=s.prompt_format,
-            )
-            for t, w in zip(pairs["template"], windows, strict=True)
-        ]
+        reqs = [instantiation_request(cfg, t, w) for t, w in zip(pairs["template"], windows, strict=True)]
         results = llm_for(cfg, "instantiate").generate(reqs, progress=ProgressReporter(f"{name} instantiate", logger))
         checks = [
             instantiate.check_instantiation(
@@ -460,9 +449,9 @@ def compare_students(
         statuses = pd.Series([c.status for c in checks]).value_counts().to_dict()
         report[name] = {
             "genericizer": {
-                "model": g.model,
+                "model": cfg.models["genericize"].model,
                 "queries": len(queries),
-                "valid_share": round(float(np.mean(passed)), 3) if passed else 0.0,
+                "valid_share": round(float(np.mean(passed)), 3) if len(passed) else 0.0,
                 "valid_share_by_source": by_source,
             },
             "instantiator": {

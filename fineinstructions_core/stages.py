@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,14 +161,18 @@ def query_set(cfg: Config, source_name: str, logger: Logger = log.info) -> Stage
     return _finish(cfg, "query_set", source_name, out, rej, len(raw), "queries")
 
 
+def genericize_requests(cfg: Config, queries: Iterable[str]) -> list[GenerationRequest]:
+    """Genericizer requests under `cfg`'s genericize model and prompt format."""
+    spec = cfg.models["genericize"]
+    return [
+        genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature, spec.prompt_format)
+        for q in queries
+    ]
+
+
 def template_bank(cfg: Config, source_name: str, logger: Logger = log.info) -> StageResult:
     queries = Lake(cfg.lake_dir).read("query_set", source_name)
-    spec = cfg.models["genericize"]
-    reqs = [
-        genericize.build_request(q, spec.model, spec.max_new_tokens, spec.temperature, spec.prompt_format)
-        for q in queries["query"]
-    ]
-    results, stats = _run_llm(cfg, "genericize", reqs, logger)
+    results, stats = _run_llm(cfg, "genericize", genericize_requests(cfg, queries["query"]), logger)
     out, rej = genericize.genericize_results(queries, results)
     return _finish(cfg, "template_bank", source_name, out, rej, len(queries), "queries", llm=stats)
 
@@ -357,26 +361,28 @@ def instantiation_requests(
 ) -> tuple[list[int], list[str], list[GenerationRequest]]:
     """(window starts, windows, requests) for template matches: each request reads the window of its
     document around the chunk that retrieved the template, under `cfg`'s instantiate model and format."""
-    spec = cfg.models["instantiate"]
-    ins = cfg.instantiation
-    window_chars = int(ins.get("window_chars", 1200))
+    window_chars = int(cfg.instantiation.get("window_chars", 1200))
     starts, windows, reqs = [], [], []
     for row in matches.itertuples(index=False):
         start, window = instantiate.document_window(texts[row.document_id], row.chunk_char_center, window_chars)
         starts.append(start)
         windows.append(window)
-        reqs.append(
-            instantiate.build_request(
-                templates[row.template_id],
-                window,
-                spec.model,
-                spec.max_new_tokens,
-                spec.temperature,
-                constrain=_constrained(spec, ins.get("constrained_excerpts", True)),
-                prompt_format=spec.prompt_format,
-            )
-        )
+        reqs.append(instantiation_request(cfg, templates[row.template_id], window))
     return starts, windows, reqs
+
+
+def instantiation_request(cfg: Config, template: str, window: str) -> GenerationRequest:
+    """One instantiation request under `cfg`'s instantiate model, prompt format and grammar switch."""
+    spec = cfg.models["instantiate"]
+    return instantiate.build_request(
+        template,
+        window,
+        spec.model,
+        spec.max_new_tokens,
+        spec.temperature,
+        constrain=_constrained(spec, cfg.instantiation.get("constrained_excerpts", True)),
+        prompt_format=spec.prompt_format,
+    )
 
 
 def instruction_pairs(cfg: Config, shard_key: str, logger: Logger = log.info) -> StageResult:

@@ -339,7 +339,10 @@ def train_embedder(
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     report = TrainReport(epochs=epochs, train_examples=len(train_idx), eval_examples=len(eval_idx))
     ckpt = _Checkpoint(
-        out_dir, _fingerprint(str(base_dir), pairs, epochs, lr, batch_size, max_tokens, seed, chunk, chunk_of, total)
+        out_dir,
+        _fingerprint(
+            str(base_dir), pairs, epochs, lr, batch_size, max_tokens, eval_share, seed, chunk, chunk_of, total
+        ),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 

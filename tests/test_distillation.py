@@ -125,3 +125,23 @@ def test_distillation_assets_materialize(tmp_path: Path, dagster_home: Path):
     student = TransformersBackend(distilled.models["genericize"].model, CACHE, batch_size=1)
     req = genericize.build_request("who wrote hamlet", "s", 24, 0.0, distilled.models["genericize"].prompt_format)
     assert student.generate([req])[0].error is None
+
+
+def test_eval_students_reports_shares_on_heldout_inputs(tmp_path: Path):
+    from fineinstructions_core.distill_stages import compare_students
+
+    cfg = load_config(ROOT / "fineinstructions.yaml", {"data_dir": str(tmp_path / "data")})
+    report = compare_students(cfg, cfg, queries_per_source=1, paragraphs=1)
+    for side in ("baseline", "student"):
+        g, i = report[side]["genericizer"], report[side]["instantiator"]
+        assert g["queries"] == 5 and set(g["valid_share_by_source"]) == {
+            "nq_open",
+            "wellformedness",
+            "cqadupstack",
+            "webquestions",
+            "arena_hard",
+        }
+        assert 0.0 <= g["valid_share"] <= 1.0
+        assert i["pairs"] == 1 and sum(i["status_counts"].values()) == 1
+        assert 0.0 <= i["excerpt_rule_and_judge_share"] <= i["excerpt_rule_share"] <= 1.0
+    assert report["baseline"] == report["student"]  # the same profile on both sides: the same answers
