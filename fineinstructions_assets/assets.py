@@ -291,9 +291,10 @@ instantiator_model = _partitioned(
 matching_embedding = _partitioned(
     "matching_embedding",
     None,
-    [],
+    ["template_matches", "template_index"],
     "distillation",
-    "The embedder fine-tuned on labelled (question, paragraph) pairs, twice; recall@10 on held-out articles.",
+    "The embedder fine-tuned twice with a cosine-similarity loss, on labelled (question, paragraph) pairs or "
+    "on the teacher's compatibility judgment of template matches; recall@10 on held-out articles.",
     pool="training",
 )
 

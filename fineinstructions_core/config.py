@@ -129,11 +129,17 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def section(self, path: str) -> Any:
-        """A dotted config path; `profile.` stands for the active model profile."""
+        """A dotted config path; `profile.` stands for the active model profile, `teacher.` for the
+        distillation teacher's (`distillation.teacher_profile`)."""
         node: Any = self.raw
         parts = path.split(".")
-        if parts[0] == "profile":
-            node = (self.raw.get("model_profiles") or {}).get(self.raw.get("model_profile", "embedded")) or {}
+        if parts[0] in ("profile", "teacher"):
+            name = (
+                self.raw.get("model_profile", "embedded")
+                if parts[0] == "profile"
+                else (self.raw.get("distillation") or {}).get("teacher_profile", "embedded")
+            )
+            node = (self.raw.get("model_profiles") or {}).get(name) or {}
             parts = parts[1:]
         for part in parts:
             node = node.get(part) if isinstance(node, dict) else None

@@ -9,16 +9,17 @@ import base64
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from . import distill, genericize, instantiate
+from . import distill, genericize, instantiate, judge
 from .config import Config, parse_config
 from .ids import content_id
 from .io.lake import UNPARTITIONED, Lake
-from .llm.models import resolve_llm
+from .llm.base import LLMStats
+from .llm.models import EMBEDDED_EMBEDDER, resolve_llm
 from .stages import (
     Logger,
     StageResult,
@@ -29,6 +30,10 @@ from .stages import (
     instantiation_requests,
 )
 from .training import TrainReport, loss_curve_svg, train_causal_lm, train_embedder
+
+if TYPE_CHECKING:
+    from .embed import Embedder
+    from .evaluation import LabelledSet
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +204,11 @@ def _train_result(
     report: TrainReport,
     rows_in: int,
     curves: dict[str, list[tuple[int, float]]] | None = None,
+    rejected: pd.DataFrame | None = None,
     **extra: Any,
 ) -> StageResult:
-    """The one-row model table and its accounting; `curves` are the plotted losses (default: the report's)."""
+    """The one-row model table and its accounting; `curves` are the plotted losses (default: the report's),
+    `rejected` the inputs that never became examples (on top of those too long to train on)."""
     first_eval = report.eval_losses[0][1] if report.eval_losses else None
     last_eval = report.eval_losses[-1][1] if report.eval_losses else None
     row = {
@@ -215,9 +222,10 @@ def _train_result(
         "eval_loss_after": last_eval,
         "seconds": report.seconds,
     }
-    rej = pd.DataFrame(
+    too_long = pd.DataFrame(
         [{"reason": "too_long_for_max_tokens", "detail": ""}] * report.skipped_too_long, columns=["reason", "detail"]
     )
+    rej = _rejections([too_long] + ([rejected] if rejected is not None else []))
     return _finish(
         cfg,
         asset,
@@ -282,10 +290,108 @@ def instantiator_model(cfg: Config, logger: Logger = log.info) -> StageResult:
 # ------------------------------------------------------------------------------------ matching embedding
 
 
-def matching_embedding(cfg: Config, logger: Logger = log.info) -> StageResult:
-    """Round one on (question, paragraph) labels from the training articles: own paragraph 1, the
-    base model's top-ranked paragraph of another article 0. Round two on the labelled paragraph's best
-    Gaussian chunk. Recall@10 on the held-out articles is measured before and after."""
+def labelled_pairs(data: LabelledSet, base: Embedder, max_pairs: int, seed: int) -> list[tuple[str, str, float]]:
+    """(question, paragraph, label) pairs: a seeded sample of at most `max_pairs` / 2 questions, each
+    with its own paragraph (1) and the other paragraph the base model ranks highest for it (0).
+
+    The hard negative is usually another paragraph of the same article: what a document's own templates
+    must out-rank at retrieval time, and what negatives from other articles never teach.
+    """
+    rng = np.random.default_rng(seed)
+    answerable = [i for i in range(len(data.questions)) if not data.impossible[i]]
+    if len(data.pids) < 2 or not answerable:
+        raise ValueError("labelled pairs need answerable questions and at least two paragraphs")
+    sample = np.sort(rng.choice(answerable, size=min(len(answerable), max(1, max_pairs // 2)), replace=False))
+    P = base.embed_texts(data.texts)
+    Q = base.embed_texts([data.questions[i] for i in sample])
+    pid_pos = {p: j for j, p in enumerate(data.pids)}
+    pairs: list[tuple[str, str, float]] = []
+    for row, qi in enumerate(sample):
+        own = pid_pos[data.question_pids[qi]]
+        sims = P @ Q[row]
+        sims[own] = -np.inf
+        negative = int(np.argmax(sims))
+        pairs.append((data.questions[qi], data.texts[own], 1.0))
+        pairs.append((data.questions[qi], data.texts[negative], 0.0))
+    return pairs
+
+
+EMBEDDING_LABELS = ("labelled_pairs", "teacher_judgment")
+
+
+def teacher_judged_pairs(
+    cfg: Config, shards: list[str], logger: Logger
+) -> tuple[list[tuple[str, str, float]], pd.DataFrame, LLMStats | None, int]:
+    """The paper's labels: the teacher's judge scores each sampled document's top template matches for
+    compatibility; >= `compatible_min_score` is 1, <= `incompatible_max_score` is 0. A pair is the
+    template's description (what the index embeds) and the document window the judge read.
+
+    Returns (pairs, rejections with reasons, LLM stats, matches judged). Documents of the held-out
+    articles never enter, so the held-out recall stays a fair measure.
+    """
+    d = _settings(cfg)
+    tj = dict((d.get("embedding") or {}).get("teacher_judgment") or {})
+    lake = Lake(cfg.lake_dir)
+    matches = lake.read_all("template_matches", shards)
+    if not len(matches):
+        raise ValueError(
+            "matching_embedding with labels: teacher_judgment needs template_matches: materialize the pipeline "
+            "up to template_matches first"
+        )
+    docs = lake.read_all("documents", shards).set_index("document_id")
+    if "title" in docs:
+        held = set(docs.index[docs["title"].isin(distill.HELDOUT_ARTICLES)])
+        matches = matches[~matches["document_id"].isin(held)]
+    matches = matches[matches["rank"] < int(tj.get("templates_per_document", 5))]
+    sample = _sample(matches, tj.get("matches"), int(d.get("seed", 0)))
+    index = lake.read("template_index").set_index("template_id")
+    teacher = teacher_config(cfg)
+    spec = teacher.models["judge"]
+    window_chars = int(cfg.instantiation.get("window_chars", 1200))
+    windows = [
+        instantiate.document_window(docs.at[r.document_id, "text"], r.chunk_char_center, window_chars)[1]
+        for r in sample.itertuples(index=False)
+    ]
+    reqs = [
+        judge.build_compatibility_request(
+            index.at[t, "template"],
+            w,
+            spec.model,
+            spec.max_new_tokens,
+            _constrained(spec, cfg.judge.get("constrained_score", True)),
+            spec.prompt_format,
+        )
+        for t, w in zip(sample["template_id"], windows, strict=True)
+    ]
+    results, stats = _run_llm(teacher, "judge", reqs, logger) if reqs else ([], None)
+    lo, hi = int(tj.get("incompatible_max_score", 2)), int(tj.get("compatible_min_score", 4))
+    pairs: list[tuple[str, str, float]] = []
+    rejected: list[dict[str, Any]] = []
+    for row, window, res in zip(sample.itertuples(index=False), windows, results, strict=True):
+        base = {"match_id": row.match_id, "document_id": row.document_id, "template_id": row.template_id}
+        parsed = None if res.error else judge.parse_output(res.text)
+        if res.error:
+            rejected.append(base | {"reason": "llm_error", "detail": res.error})
+        elif parsed is None:
+            rejected.append(base | {"reason": "judge_unparseable", "detail": res.text[:300]})
+        elif (label := judge.compatibility_label(parsed[0], hi, lo)) is None:
+            rejected.append(base | {"reason": "compatibility_uncertain", "detail": f"score {parsed[0]}"})
+        else:
+            pairs.append((index.at[row.template_id, "description"], window, label))
+    positives = sum(p[2] for p in pairs)
+    logger(f"teacher judgment: {len(sample)} matches, {positives:.0f} compatible, {len(pairs) - positives:.0f} not")
+    return (
+        pairs,
+        pd.DataFrame(rejected, columns=["match_id", "document_id", "template_id", "reason", "detail"]),
+        stats,
+        len(sample),
+    )
+
+
+def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info) -> StageResult:
+    """Round one on (question, paragraph) labels from the training articles (`labelled_pairs`), round
+    two on the labelled paragraph's best Gaussian chunk. Recall@10 on the held-out articles is
+    measured before and after."""
     from .embed import Embedder
     from .evaluation import evaluate, load_labelled_set, subset_by_titles
 
@@ -300,7 +406,7 @@ def matching_embedding(cfg: Config, logger: Logger = log.info) -> StageResult:
         held = subset_by_titles(
             held, distill.HELDOUT_ARTICLES, keep=True, max_questions=int(e["max_heldout_questions"])
         )
-    base = Embedder(cfg.embedder)
+    base = Embedder(str(e.get("base", EMBEDDED_EMBEDDER)))  # never the active profile's: it may be this model
 
     def recall(embedder: Embedder) -> dict[str, Any]:
         pooled = embedder.embed_documents(held.texts, K, sigma, alpha)
@@ -312,22 +418,17 @@ def matching_embedding(cfg: Config, logger: Logger = log.info) -> StageResult:
         f"held-out recall@10 before: global {before['global']['recall@10']}, gaussian {before['gaussian']['recall@10']}"
     )
 
-    # Labels: positives, and the hardest negative of another article under the base model.
-    rng = np.random.default_rng(seed)
-    q_idx = np.arange(len(train.questions))
-    if e.get("max_pairs") and len(q_idx) > int(e["max_pairs"]) // 2:
-        q_idx = np.sort(rng.choice(q_idx, size=int(e["max_pairs"]) // 2, replace=False))
-    P = base.embed_texts(train.texts)
-    Q = base.embed_texts([train.questions[i] for i in q_idx])
-    pid_pos = {p: j for j, p in enumerate(train.pids)}
-    pairs: list[tuple[str, str, float]] = []
-    for row, qi in enumerate(q_idx):
-        own = pid_pos[train.question_pids[qi]]
-        sims = P @ Q[row]
-        other = [j for j in np.argsort(-sims) if train.titles[j] != train.titles[own]]
-        pairs.append((train.questions[qi], train.texts[own], 1.0))
-        if other:
-            pairs.append((train.questions[qi], train.texts[other[0]], 0.0))
+    labels = str(e.get("labels", "labelled_pairs"))
+    if labels not in EMBEDDING_LABELS:
+        raise ValueError(f"distillation.embedding.labels must be one of {EMBEDDING_LABELS}, not {labels!r}")
+    label_rejections, label_llm, rows_in = None, None, 0
+    if labels == "teacher_judgment":
+        pairs, label_rejections, label_llm, rows_in = teacher_judged_pairs(cfg, shards, logger)
+    else:
+        pairs = labelled_pairs(train, base, int(e.get("max_pairs", 2000)), seed)
+        rows_in = len(pairs)
+    if len(pairs) < 2:
+        raise ValueError(f"matching_embedding: {len(pairs)} labelled pairs, too few to train on ({labels})")
     out_root = model_dir(cfg, "matching_embedding")
     settings = dict(
         epochs=int(e.get("epochs", 1)),
@@ -365,8 +466,12 @@ def matching_embedding(cfg: Config, logger: Logger = log.info) -> StageResult:
         cfg,
         "matching_embedding",
         reports.get("round2", round1),  # its model_dir is the final model
-        len(pairs),
+        rows_in,
         series,
+        label_rejections,
+        llm=label_llm,
+        labels=labels,
+        label_balance={"compatible": int(sum(p[2] for p in pairs)), "incompatible": int(sum(1 - p[2] for p in pairs))},
         heldout_recall_before={k: before[k] for k in ("global", "gaussian")},
         heldout_recall_after={k: after[k] for k in ("global", "gaussian")},
         heldout_articles=list(distill.HELDOUT_ARTICLES),

@@ -48,12 +48,32 @@ _CONFIG = {
     "instruction_pairs": ("instantiation", "profile.instantiate"),
     "judged_corpus": ("judge", "profile.judge"),
     "training_corpus": ("training",),
-    # The distillation loop: the teacher may be any profile, so every profile's settings count.
-    "silver_genericizer_examples": ("distillation", "model_profiles", "model_profile"),
-    "silver_instantiation_examples": ("distillation", "model_profiles", "model_profile", "instantiation"),
+    # The distillation loop reads the teacher's profile, never the active one: switching the active
+    # profile to the students it trained must not make it train them again.
+    "silver_genericizer_examples": (
+        "distillation.teacher_profile",
+        "distillation.seed",
+        "distillation.silver_genericizer_queries",
+        "teacher.genericize",
+        "genericize",
+    ),
+    "silver_instantiation_examples": (
+        "distillation.teacher_profile",
+        "distillation.seed",
+        "distillation.silver_instantiation_matches",
+        "teacher.instantiate",
+        "instantiation",
+    ),
     "genericizer_model": ("distillation.student", "distillation.seed", "distillation.genericizer"),
     "instantiator_model": ("distillation.student", "distillation.seed", "distillation.instantiator"),
-    "matching_embedding": ("distillation.seed", "distillation.embedding", "matching", "profile.embedder"),
+    "matching_embedding": (
+        "distillation.seed",
+        "distillation.embedding",
+        "matching.k",
+        "matching.sigma",
+        "matching.alpha",
+        "matching.threshold",
+    ),
 }
 _CODE = {
     "raw_queries": (readers,),
@@ -70,7 +90,7 @@ _CODE = {
     "silver_instantiation_examples": (distill, instantiate, excerpts, constraints),
     "genericizer_model": (distill, training),
     "instantiator_model": (distill, training),
-    "matching_embedding": (distill, training, embed, evaluation),
+    "matching_embedding": (distill, training, embed, evaluation, judge),
 }
 UPSTREAM = {
     "query_set": "raw_queries",
@@ -131,9 +151,20 @@ def signature(cfg: Config, asset: str, partition: str, sources: list[str], shard
         upstream = "silver_genericizer_examples" if asset == "genericizer_model" else "silver_instantiation_examples"
         _file_hash(lake.path(upstream, UNPARTITIONED), h)
     elif asset == "matching_embedding":
-        e = (cfg.raw.get("distillation") or {}).get("embedding") or {}
+        d = cfg.raw.get("distillation") or {}
+        e = d.get("embedding") or {}
         for key in ("questions", "paragraphs"):
             _file_hash(cfg.root / str(e.get(key, "")), h)
+        if e.get("labels") == "teacher_judgment":  # the teacher's judge and what it judged
+            h.update(
+                cfg.stage_fingerprint(
+                    "distillation.teacher_profile", "teacher.judge", "judge", "instantiation.window_chars"
+                ).encode()
+            )
+            _file_hash(lake.path("template_index", UNPARTITIONED), h)
+            for s in sorted(shards):
+                _file_hash(lake.path("template_matches", s), h)
+                _file_hash(lake.path("documents", s), h)
     else:
         _file_hash(lake.path(UPSTREAM[asset], partition), h)
     return h.hexdigest()[:24]

@@ -517,6 +517,8 @@ def run_stage(
             result = ds.silver_genericizer_examples(cfg, sources, logger)
         elif asset == "silver_instantiation_examples":
             result = ds.silver_instantiation_examples(cfg, shards, logger)
+        elif asset == "matching_embedding":
+            result = ds.matching_embedding(cfg, shards, logger)
         else:
             result = getattr(ds, asset)(cfg, logger)
     else:

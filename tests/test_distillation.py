@@ -22,6 +22,9 @@ from fineinstructions_assets.partitions import register_partitions
 from fineinstructions_assets.resources import FineInstructionsResource
 from fineinstructions_core import distill, genericize
 from fineinstructions_core.config import load_config
+from fineinstructions_core.distill_stages import labelled_pairs
+from fineinstructions_core.embed import Embedder
+from fineinstructions_core.evaluation import load_labelled_set, subset_by_titles
 from fineinstructions_core.excerpts import expand_answer
 from fineinstructions_core.llm.models import EMBEDDED_LLM, resolve_llm
 from fineinstructions_core.llm.transformers_backend import TransformersBackend
@@ -145,3 +148,26 @@ def test_eval_students_reports_shares_on_heldout_inputs(tmp_path: Path):
         assert i["pairs"] == 1 and sum(i["status_counts"].values()) == 1
         assert 0.0 <= i["excerpt_rule_and_judge_share"] <= i["excerpt_rule_share"] <= 1.0
     assert report["baseline"] == report["student"]  # the same profile on both sides: the same answers
+
+
+def test_labelled_pairs_have_hard_negatives_from_the_same_article():
+    data = subset_by_titles(
+        load_labelled_set(
+            ROOT / "sample_data/eval/squad_v2_half_questions.jsonl",
+            ROOT / "sample_data/documents/squad_v2_half_paragraphs.jsonl",
+        ),
+        ["Prime number", "Rhine"],
+    )
+    pairs = labelled_pairs(data, Embedder(), max_pairs=40, seed=0)
+    assert len(pairs) == 40
+    text_pid = dict(zip(data.texts, data.pids, strict=True))
+    question_pid = dict(zip(data.questions, data.question_pids, strict=True))
+    positives = [(q, d) for q, d, y in pairs if y == 1.0]
+    negatives = [(q, d) for q, d, y in pairs if y == 0.0]
+    assert len(positives) == len(negatives)
+    assert all(question_pid[q] == text_pid[d] for q, d in positives)
+    assert all(question_pid[q] != text_pid[d] for q, d in negatives)
+    # hard negatives: mostly other paragraphs of the question's own article
+    title = dict(zip(data.pids, data.titles, strict=True))
+    same_article = sum(title[question_pid[q]] == title[text_pid[d]] for q, d in negatives)
+    assert same_article > len(negatives) / 2

@@ -5,13 +5,19 @@ file materializes only its new shard and what depends on it.
 """
 
 import json
+from pathlib import Path
 
 import duckdb
+from dagster import DagsterInstance, materialize
 
+from fineinstructions_assets.assets import matching_embedding
 from fineinstructions_assets.cli import main
+from fineinstructions_assets.resources import FineInstructionsResource
 from fineinstructions_core import judge
 from fineinstructions_core.config import load_config
 from fineinstructions_core.io.lake import Lake
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(capsys, *args: str) -> str:
@@ -110,3 +116,34 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
     assert judged["requests"] == final["judged_corpus"]["rows_in"] == judged["cache_misses"]
     for stage in ("template_bank", "instruction_pairs"):
         assert final[stage] == before[stage]  # not rerun: same accounting, no new requests
+
+    # The paper's embedding labels: the teacher's judge labels the top template matches of the lake just
+    # built, and the embedder trains two steps on them. Scores 1-3 count as incompatible here, so every
+    # parseable judgment is a label; the accounting still balances.
+    overrides = {
+        "distillation": {
+            "embedding": {
+                "labels": "teacher_judgment",
+                "teacher_judgment": {"incompatible_max_score": 3},
+                "questions": str(ROOT / "sample_data/eval/squad_v2_half_questions.jsonl"),
+                "paragraphs": str(ROOT / "sample_data/documents/squad_v2_half_paragraphs.jsonl"),
+                "max_heldout_questions": 20,
+                "max_steps": 2,
+                "batch_size": 2,
+                "round_two": False,
+            }
+        }
+    }
+    fi = FineInstructionsResource(config_path=str(tiny_project), overrides=json.dumps(overrides))
+    result = materialize([matching_embedding], instance=DagsterInstance.get(), resources={"fi": fi})
+    assert result.success
+    meta = result.asset_materializations_for_node("matching_embedding")[0].metadata
+    assert meta["labels"].value == "teacher_judgment"
+    funnel = meta["funnel"].value
+    judged = funnel["in"]
+    assert judged == final["template_matches"]["rows_out"]
+    assert meta["llm"].value["requests"] == judged
+    balance = meta["label_balance"].value
+    rejected = sum(v for k, v in funnel.items() if k.startswith("rejected: "))
+    assert balance["compatible"] + balance["incompatible"] + rejected == judged == funnel["out"] + rejected
+    assert (cfg.data_dir / "models" / "matching_embedding" / "round1" / "model" / "config.json").exists()

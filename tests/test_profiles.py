@@ -39,6 +39,18 @@ def test_switching_profile_makes_model_stages_stale(tiny_project: Path):
         key = "nq" if asset == "template_bank" else "debian-00000"
         assert signature(a, asset, key, [], []) != signature(b, asset, key, [], [])
     assert signature(a, "query_set", "nq", [], []) == signature(b, "query_set", "nq", [], [])
+    # The distillation loop follows the teacher profile, not the active one: running the pipeline with
+    # the students it trained leaves them fresh; a new teacher makes the silver examples stale.
+    distillation = ("silver_genericizer_examples", "silver_instantiation_examples", "matching_embedding")
+    for asset in distillation + ("genericizer_model", "instantiator_model"):
+        assert signature(a, asset, "all", ["nq"], ["debian-00000"]) == signature(
+            b, asset, "all", ["nq"], ["debian-00000"]
+        )
+    teacher = load_config(tiny_project, {"distillation": {"teacher_profile": "paper"}})
+    for asset in distillation[:2]:
+        assert signature(a, asset, "all", ["nq"], ["debian-00000"]) != signature(
+            teacher, asset, "all", ["nq"], ["debian-00000"]
+        )
 
 
 def test_released_genericizer_format_and_json_answers():
