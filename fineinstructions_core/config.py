@@ -31,6 +31,9 @@ PROMPT_FORMATS = {
 CORPUS_FORMATS = ("jsonl", "text")
 
 
+CALIBRATED_THRESHOLD_FILE = "matching_threshold.json"
+
+
 class ConfigError(ValueError):
     """Raised with a message that names the offending config key."""
 
@@ -98,6 +101,24 @@ class Config:
     @property
     def lake_dir(self) -> Path:
         return self.data_dir / "lake"
+
+    def threshold_file(self) -> Path | None:
+        """Where a `calibrated` profile's threshold lives: beside its embedder's weights."""
+        value = self.section("profile.matching_threshold")
+        return Path(self.embedder) / CALIBRATED_THRESHOLD_FILE if value == "calibrated" else None
+
+    def matching_threshold(self) -> float:
+        """The profile's threshold, a number or `calibrated` (what the matching_embedding asset measured
+        for the embedder it trained); else `matching.threshold`. Similarity scales differ per model."""
+        path = self.threshold_file()
+        if path is None:
+            return float(self.section("profile.matching_threshold") or self.matching.get("threshold", 0.3))
+        if not path.exists():
+            raise ConfigError(
+                f"matching_threshold: calibrated needs {path}, which the matching_embedding asset writes beside "
+                "the embedder it trains; materialize it first or give the profile a number"
+            )
+        return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
 
     @property
     def catalog_path(self) -> Path:

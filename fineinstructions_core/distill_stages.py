@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import distill, genericize, instantiate, judge
-from .config import Config, parse_config
+from .config import CALIBRATED_THRESHOLD_FILE, Config, parse_config
 from .ids import content_id
 from .io.lake import UNPARTITIONED, Lake
 from .llm.base import LLMStats
@@ -393,7 +394,7 @@ def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info
     two on the labelled paragraph's best Gaussian chunk. Recall@10 on the held-out articles is
     measured before and after."""
     from .embed import Embedder
-    from .evaluation import evaluate, load_labelled_set, subset_by_titles
+    from .evaluation import calibrate_threshold, evaluate, load_labelled_set, subset_by_titles
 
     e = dict(_settings(cfg).get("embedding") or {})
     seed = int(_settings(cfg).get("seed", 0))
@@ -409,9 +410,12 @@ def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info
     base = Embedder(str(e.get("base", EMBEDDED_EMBEDDER)))  # never the active profile's: it may be this model
 
     def recall(embedder: Embedder) -> dict[str, Any]:
+        """Recall@k on the held-out articles, and the best-F1 threshold there for this embedder."""
         pooled = embedder.embed_documents(held.texts, K, sigma, alpha)
         keep = [True] * len(held.questions)
-        return evaluate(held, list(held.questions), keep, embedder, pooled, float(m.get("threshold", 0.25)))["metrics"]
+        metrics = evaluate(held, list(held.questions), keep, embedder, pooled, float(m.get("threshold", 0.25)))
+        calibration = calibrate_threshold(held, list(held.questions), keep, embedder, pooled)
+        return metrics["metrics"] | {"threshold": {k: v for k, v in calibration.items() if k != "table"}}
 
     before = recall(base)
     logger(
@@ -460,6 +464,16 @@ def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info
     logger(
         f"held-out recall@10 after: global {after['global']['recall@10']}, gaussian {after['gaussian']['recall@10']}"
     )
+    # A profile with `matching_threshold: calibrated` reads this beside the embedder's weights.
+    (final_dir / CALIBRATED_THRESHOLD_FILE).write_text(
+        json.dumps(
+            {"threshold": after["threshold"]["proposed_threshold"], "measured_on": "held-out articles"}
+            | after["threshold"]
+            | {"heldout_articles": list(distill.HELDOUT_ARTICLES)},
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
     series = {f"{name} train": r.losses for name, r in reports.items()}
     series |= {f"{name} held-out": r.eval_losses for name, r in reports.items()}
     return _train_result(
@@ -474,6 +488,7 @@ def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info
         label_balance={"compatible": int(sum(p[2] for p in pairs)), "incompatible": int(sum(1 - p[2] for p in pairs))},
         heldout_recall_before={k: before[k] for k in ("global", "gaussian")},
         heldout_recall_after={k: after[k] for k in ("global", "gaussian")},
+        calibrated_threshold={"before": before["threshold"], "after": after["threshold"]},
         heldout_articles=list(distill.HELDOUT_ARTICLES),
         rounds={name: r.as_dict() | {"losses": None} for name, r in reports.items()},
     )

@@ -32,6 +32,7 @@ from .config import Config
 from .io import readers
 from .io.lake import UNPARTITIONED, Lake
 from .llm import constraints
+from .llm.models import file_identity
 from .shards import get_shard
 
 QUERY_CHAIN = ["raw_queries", "query_set", "template_bank"]
@@ -111,11 +112,32 @@ def _file_hash(path: Path, h: hashlib._Hash) -> None:
             h.update(block)
 
 
+_PROFILE_MODELS = {"profile.genericize": "genericize", "profile.instantiate": "instantiate", "profile.judge": "judge"}
+
+
+def _weights_identity(model: str) -> str:
+    """The weights of a model that is a local directory (the students, a fine-tuned embedder): its path
+    alone stays the same when it is retrained."""
+    path = Path(model)
+    if not path.is_dir():
+        return ""
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.gguf"))
+    return "|".join(file_identity(f) for f in files)
+
+
 def signature(cfg: Config, asset: str, partition: str, sources: list[str], shards: list[str]) -> str:
     lake = Lake(cfg.lake_dir)
     h = hashlib.sha256()
     h.update(asset.encode())
     h.update(cfg.stage_fingerprint(*_CONFIG[asset]).encode())
+    for section in _CONFIG[asset]:  # a model retrained in place is a new model
+        if section == "profile.embedder":
+            h.update(_weights_identity(cfg.embedder).encode())
+        elif section in _PROFILE_MODELS:
+            h.update(_weights_identity(cfg.models[_PROFILE_MODELS[section]].model).encode())
+    threshold_file = cfg.threshold_file() if "profile.matching_threshold" in _CONFIG[asset] else None
+    if threshold_file is not None:
+        _file_hash(threshold_file, h)
     for mod in _CODE[asset]:
         h.update(inspect.getsource(mod).encode())
         if hasattr(mod, "prompt_fingerprint"):

@@ -326,8 +326,7 @@ def template_matches(cfg: Config, shard_key: str, logger: Logger = log.info) -> 
     templates = lake.read("template_index").sort_values("index_row").reset_index(drop=True)
     m = cfg.matching
     index = load_index(cfg.lake_dir / "template_index" / "index.faiss", nprobe=int(m.get("nprobe", 16)))
-    # A profile's embedder brings its own calibrated threshold (similarity scales differ per model).
-    threshold = float(cfg.section("profile.matching_threshold") or m.get("threshold", 0.3))
+    threshold = cfg.matching_threshold()
     k = int(m.get("candidates_per_vector", 32))
     if docs.empty:
         sims = ids = np.zeros((0, 0, 0))

@@ -120,11 +120,13 @@ def test_distillation_assets_materialize(tmp_path: Path, dagster_home: Path):
     embed_meta = result.asset_materializations_for_node("matching_embedding")[0].metadata
     before, after = embed_meta["heldout_recall_before"].value, embed_meta["heldout_recall_after"].value
     assert 0 < before["global"]["recall@10"] <= 1 and 0 < after["global"]["recall@10"] <= 1
+    calibrated = embed_meta["calibrated_threshold"].value["after"]["proposed_threshold"]
 
     # The distilled profile picks up what was trained (the instantiator is not trained in this test).
     distilled = load_config(project, overrides | {"model_profile": "distilled"})
     assert Path(distilled.models["genericize"].model, "config.json").exists()
     assert Path(distilled.embedder, "config.json").exists()
+    assert distilled.matching_threshold() == calibrated  # `calibrated`: what the asset measured for it
     student = TransformersBackend(distilled.models["genericize"].model, CACHE, batch_size=1)
     req = genericize.build_request("who wrote hamlet", "s", 24, 0.0, distilled.models["genericize"].prompt_format)
     assert student.generate([req])[0].error is None

@@ -95,3 +95,35 @@ def test_hub_model_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
     cfg = load_config(overrides={"model_profile": "paper"})
     with pytest.raises(ModelNotAvailable, match="Flow-Judge-v0.1"):
         make_backend(cfg.models["judge"], tmp_path)
+
+
+def test_calibrated_threshold_needs_the_file_the_embedding_asset_writes(tiny_project: Path, tmp_path: Path):
+    embedder = tmp_path / "tuned"
+    embedder.mkdir()
+    cfg = load_config(
+        tiny_project,
+        {"model_profiles": {"embedded": {"embedder": str(embedder), "matching_threshold": "calibrated"}}},
+    )
+    with pytest.raises(ConfigError, match="matching_threshold: calibrated needs .*matching_threshold.json"):
+        cfg.matching_threshold()
+    before = signature(cfg, "template_matches", "debian-00000", [], [])
+    (embedder / "matching_threshold.json").write_text('{"threshold": 0.31}')
+    assert cfg.matching_threshold() == 0.31
+    assert signature(cfg, "template_matches", "debian-00000", [], []) != before  # a new threshold: rematch
+    assert load_config(tiny_project).matching_threshold() == 0.0  # the tiny config's own number
+
+
+def test_a_model_retrained_in_place_makes_its_stages_stale(tiny_project: Path, tmp_path: Path):
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "model.safetensors").write_bytes(b"weights, first training")
+    cfg = load_config(
+        tiny_project,
+        {"model_profiles": {"embedded": {"embedder": str(student), "judge": {"model": str(student)}}}},
+    )
+    before = {a: signature(cfg, a, "debian-00000", [], []) for a in ("document_index", "judged_corpus")}
+    before["query_set"] = signature(cfg, "query_set", "nq", [], [])
+    (student / "model.safetensors").write_bytes(b"weights, second training")
+    assert signature(cfg, "document_index", "debian-00000", [], []) != before["document_index"]
+    assert signature(cfg, "judged_corpus", "debian-00000", [], []) != before["judged_corpus"]
+    assert signature(cfg, "query_set", "nq", [], []) == before["query_set"]
