@@ -390,9 +390,9 @@ def teacher_judged_pairs(
 
 
 def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info) -> StageResult:
-    """Round one on (question, paragraph) labels from the training articles (`labelled_pairs`), round
-    two on the labelled paragraph's best Gaussian chunk. Recall@10 on the held-out articles is
-    measured before and after."""
+    """Round one on 1/0 labels (`labelled_pairs` from the training articles, or `teacher_judged_pairs`),
+    round two on the labelled document's best Gaussian chunk. Recall@10 and the best-F1 threshold on
+    the held-out articles are measured before and after; the threshold is saved beside the model."""
     from .embed import Embedder
     from .evaluation import calibrate_threshold, evaluate, load_labelled_set, subset_by_titles
 
@@ -465,15 +465,13 @@ def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info
         f"held-out recall@10 after: global {after['global']['recall@10']}, gaussian {after['gaussian']['recall@10']}"
     )
     # A profile with `matching_threshold: calibrated` reads this beside the embedder's weights.
-    (final_dir / CALIBRATED_THRESHOLD_FILE).write_text(
-        json.dumps(
-            {"threshold": after["threshold"]["proposed_threshold"], "measured_on": "held-out articles"}
-            | after["threshold"]
-            | {"heldout_articles": list(distill.HELDOUT_ARTICLES)},
-            indent=1,
-        ),
+    calibrated = {"threshold": after["threshold"]["proposed_threshold"], "measured_on": "held-out articles"}
+    tmp = final_dir / f".{CALIBRATED_THRESHOLD_FILE}.tmp"
+    tmp.write_text(
+        json.dumps(calibrated | after["threshold"] | {"heldout_articles": list(distill.HELDOUT_ARTICLES)}, indent=1),
         encoding="utf-8",
     )
+    tmp.replace(final_dir / CALIBRATED_THRESHOLD_FILE)
     series = {f"{name} train": r.losses for name, r in reports.items()}
     series |= {f"{name} held-out": r.eval_losses for name, r in reports.items()}
     return _train_result(

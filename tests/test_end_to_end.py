@@ -141,7 +141,8 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
     assert meta["labels"].value == "teacher_judgment"
     funnel = meta["funnel"].value
     judged = funnel["in"]
-    assert judged == final["template_matches"]["rows_out"]
+    matches = Lake(cfg.lake_dir).read_all("template_matches")
+    assert judged == int((matches["rank"] < 5).sum()) > 0  # each document's top five matches
     assert meta["llm"].value["requests"] == judged
     balance = meta["label_balance"].value
     rejected = sum(v for k, v in funnel.items() if k.startswith("rejected: "))
