@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from fineinstructions_core.config import ConfigError, load_config
+from fineinstructions_core.config import Config, ConfigError, load_config
 from fineinstructions_core.io.catalog import lineage, refresh_catalog, stats
 from fineinstructions_core.io.lake import UNPARTITIONED, Lake
 from fineinstructions_core.llm.cache import RequestCache
@@ -225,6 +225,14 @@ def _descriptions(cfg, data, mode: str) -> tuple[list[str], list[bool]]:
     return out, keep
 
 
+def _profile_threshold(cfg: Config) -> float | None:
+    """The active profile's matching threshold; None when it is `calibrated` and not calibrated yet."""
+    try:
+        return cfg.matching_threshold()
+    except ConfigError:
+        return None
+
+
 def cmd_eval_matching(args: argparse.Namespace) -> int:
     from fineinstructions_core.embed import Embedder
     from fineinstructions_core.evaluation import evaluate, long_document_coverage
@@ -235,10 +243,11 @@ def cmd_eval_matching(args: argparse.Namespace) -> int:
     K, sigma, alpha = int(m.get("k", 5)), float(m.get("sigma", 0.05)), float(m.get("alpha", 1.0))
     embedder = Embedder(cfg.embedder)
     pooled = embedder.embed_documents(data.texts, K, sigma, alpha)
+    threshold = _profile_threshold(cfg)
     report: dict[str, Any] = {
         "paragraphs": len(data.pids),
         "questions": len(data.questions),
-        "threshold": float(m.get("threshold", 0.25)),
+        "threshold": float(m.get("threshold", 0.25)) if threshold is None else threshold,
         "k": K,
         "sigma": sigma,
         "alpha": alpha,
@@ -270,7 +279,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     desc, keep = _descriptions(cfg, data, args.mode)
     result = calibrate_threshold(data, desc, keep, embedder, pooled)
-    result |= {"mode": args.mode, "embedder": embedder.identity, "current_threshold": m.get("threshold")}
+    result |= {"mode": args.mode, "embedder": embedder.identity, "current_threshold": _profile_threshold(cfg)}
     print(json.dumps(result, indent=1))
     return 0
 

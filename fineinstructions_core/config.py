@@ -112,7 +112,13 @@ class Config:
         for the embedder it trained); else `matching.threshold`. Similarity scales differ per model."""
         path = self.threshold_file()
         if path is None:
-            return float(self.section("profile.matching_threshold") or self.matching.get("threshold", 0.3))
+            value = self.section("profile.matching_threshold")
+            return float(self.matching.get("threshold", 0.3) if value is None else value)
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"matching_threshold: calibrated needs the embedder to be a local model directory (the "
+                f"matching_embedding asset's output), not {self.embedder!r}; give the profile a number"
+            )
         if not path.exists():
             raise ConfigError(
                 f"matching_threshold: calibrated needs {path}, which the matching_embedding asset writes beside "
@@ -212,7 +218,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return parse_config(raw, root=path.resolve().parent)
 
 
-def _expand(model: str, root: Path, data_dir: Path) -> str:
+def expand_model_path(model: str, root: Path, data_dir: Path) -> str:
     """`{data_dir}` and `{root}` in a model path, so a profile can name models the project trains."""
     return model.replace("{data_dir}", str(data_dir)).replace("{root}", str(root))
 
@@ -273,6 +279,11 @@ def parse_config(raw: dict[str, Any], root: Path) -> Config:
     profiles = raw.get("model_profiles") or {}
     if profile not in profiles:
         raise ConfigError(f"model_profile {profile!r} is not defined under model_profiles ({list(profiles)})")
+    threshold = (profiles[profile] or {}).get("matching_threshold")
+    if threshold is not None and threshold != "calibrated" and not isinstance(threshold, int | float):
+        raise ConfigError(
+            f"model_profiles.{profile}.matching_threshold must be a number or 'calibrated', not {threshold!r}"
+        )
     models = {}
     for stage in ("genericize", "instantiate", "judge"):
         spec = (profiles[profile] or {}).get(stage)
@@ -287,7 +298,7 @@ def parse_config(raw: dict[str, Any], root: Path) -> Config:
             )
         models[stage] = ModelSpec(
             backend=spec.get("backend", "transformers"),
-            model=_expand(str(_require(spec, "model", f"model_profiles.{profile}.{stage}")), root, data_dir),
+            model=expand_model_path(str(_require(spec, "model", f"model_profiles.{profile}.{stage}")), root, data_dir),
             max_new_tokens=int(spec.get("max_new_tokens", 128)),
             temperature=float(spec.get("temperature", 0.0)),
             batch_size=int(spec.get("batch_size", 8)),
@@ -315,7 +326,9 @@ def parse_config(raw: dict[str, Any], root: Path) -> Config:
         judge=dict(raw.get("judge") or {}),
         training=dict(raw.get("training") or {}),
         models=models,
-        embedder=_expand(str((profiles[profile] or {}).get("embedder", "embedded:all-MiniLM-L6-v2")), root, data_dir),
+        embedder=expand_model_path(
+            str((profiles[profile] or {}).get("embedder", "embedded:all-MiniLM-L6-v2")), root, data_dir
+        ),
         cache_dir=cache_dir,
         raw=raw,
     )

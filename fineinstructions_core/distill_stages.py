@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import distill, genericize, instantiate, judge
+from . import compatibility, distill, genericize, instantiate, judge
 from .config import CALIBRATED_THRESHOLD_FILE, Config, parse_config
 from .ids import content_id
 from .io.lake import UNPARTITIONED, Lake
@@ -291,8 +291,8 @@ def instantiator_model(cfg: Config, logger: Logger = log.info) -> StageResult:
 # ------------------------------------------------------------------------------------ matching embedding
 
 
-def labelled_pairs(data: LabelledSet, base: Embedder, max_pairs: int, seed: int) -> list[tuple[str, str, float]]:
-    """(question, paragraph, label) pairs: a seeded sample of at most `max_pairs` / 2 questions, each
+def labelled_pairs(data: LabelledSet, base: Embedder, max_pairs: int | None, seed: int) -> list[tuple[str, str, float]]:
+    """(question, paragraph, label) pairs: a seeded sample of at most `max_pairs` / 2 questions (None: all), each
     with its own paragraph (1) and the other paragraph the base model ranks highest for it (0).
 
     The hard negative is usually another paragraph of the same article: what a document's own templates
@@ -302,7 +302,8 @@ def labelled_pairs(data: LabelledSet, base: Embedder, max_pairs: int, seed: int)
     answerable = [i for i in range(len(data.questions)) if not data.impossible[i]]
     if len(data.pids) < 2 or not answerable:
         raise ValueError("labelled pairs need answerable questions and at least two paragraphs")
-    sample = np.sort(rng.choice(answerable, size=min(len(answerable), max(1, max_pairs // 2)), replace=False))
+    size = len(answerable) if max_pairs is None else min(len(answerable), max(1, max_pairs // 2))
+    sample = np.sort(rng.choice(answerable, size=size, replace=False))
     P = base.embed_texts(data.texts)
     Q = base.embed_texts([data.questions[i] for i in sample])
     pid_pos = {p: j for j, p in enumerate(data.pids)}
@@ -332,6 +333,15 @@ def teacher_judged_pairs(
     """
     d = _settings(cfg)
     tj = dict((d.get("embedding") or {}).get("teacher_judgment") or {})
+    lo, hi = int(tj.get("incompatible_max_score", 2)), int(tj.get("compatible_min_score", 4))
+    compatibility.label(hi, hi, lo)  # rejects overlapping cut-offs before any request
+    own = model_dir(cfg, "matching_embedding").resolve()
+    if Path(cfg.embedder).resolve().is_relative_to(own):
+        raise ValueError(
+            f"labels: teacher_judgment labels the template matches of the active profile, whose embedder "
+            f"({cfg.embedder}) is the one this asset trains: each run would train on its own matches. "
+            "Materialize the pipeline and the distillation with another profile (e.g. model_profile: embedded)"
+        )
     lake = Lake(cfg.lake_dir)
     matches = lake.read_all("template_matches", shards)
     if not len(matches):
@@ -354,7 +364,7 @@ def teacher_judged_pairs(
         for r in sample.itertuples(index=False)
     ]
     reqs = [
-        judge.build_compatibility_request(
+        compatibility.build_request(
             index.at[t, "template"],
             w,
             spec.model,
@@ -365,7 +375,6 @@ def teacher_judged_pairs(
         for t, w in zip(sample["template_id"], windows, strict=True)
     ]
     results, stats = _run_llm(teacher, "judge", reqs, logger) if reqs else ([], None)
-    lo, hi = int(tj.get("incompatible_max_score", 2)), int(tj.get("compatible_min_score", 4))
     pairs: list[tuple[str, str, float]] = []
     rejected: list[dict[str, Any]] = []
     for row, window, res in zip(sample.itertuples(index=False), windows, results, strict=True):
@@ -375,7 +384,7 @@ def teacher_judged_pairs(
             rejected.append(base | {"reason": "llm_error", "detail": res.error})
         elif parsed is None:
             rejected.append(base | {"reason": "judge_unparseable", "detail": res.text[:300]})
-        elif (label := judge.compatibility_label(parsed[0], hi, lo)) is None:
+        elif (label := compatibility.label(parsed[0], hi, lo)) is None:
             rejected.append(base | {"reason": "compatibility_uncertain", "detail": f"score {parsed[0]}"})
         else:
             pairs.append((index.at[row.template_id, "description"], window, label))
@@ -417,11 +426,6 @@ def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info
         calibration = calibrate_threshold(held, list(held.questions), keep, embedder, pooled)
         return metrics["metrics"] | {"threshold": {k: v for k, v in calibration.items() if k != "table"}}
 
-    before = recall(base)
-    logger(
-        f"held-out recall@10 before: global {before['global']['recall@10']}, gaussian {before['gaussian']['recall@10']}"
-    )
-
     labels = str(e.get("labels", "labelled_pairs"))
     if labels not in EMBEDDING_LABELS:
         raise ValueError(f"distillation.embedding.labels must be one of {EMBEDDING_LABELS}, not {labels!r}")
@@ -429,10 +433,19 @@ def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info
     if labels == "teacher_judgment":
         pairs, label_rejections, label_llm, rows_in = teacher_judged_pairs(cfg, shards, logger)
     else:
-        pairs = labelled_pairs(train, base, int(e.get("max_pairs", 2000)), seed)
+        max_pairs = e.get("max_pairs", 2000)
+        pairs = labelled_pairs(train, base, None if max_pairs is None else int(max_pairs), seed)
         rows_in = len(pairs)
-    if len(pairs) < 2:
-        raise ValueError(f"matching_embedding: {len(pairs)} labelled pairs, too few to train on ({labels})")
+    if {p[2] for p in pairs} != {0.0, 1.0}:
+        raise ValueError(
+            f"matching_embedding: {len(pairs)} labelled pairs ({labels}) without both a compatible and an "
+            "incompatible one; a one-sided cosine loss would collapse the embedding space"
+        )
+    before = recall(base)
+    logger(
+        f"held-out recall@10 before: global {before['global']['recall@10']}, gaussian {before['gaussian']['recall@10']}"
+    )
+
     out_root = model_dir(cfg, "matching_embedding")
     settings = dict(
         epochs=int(e.get("epochs", 1)),

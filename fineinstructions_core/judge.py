@@ -1,8 +1,4 @@
-"""Stage 5, the judge: Flow Judge's prompt format with the paper's 1..5 rubric; keep scores >= 4.
-
-The same format, with its own criteria, asks a model whether a document is compatible with a
-template: the paper's 1/0 labels for fine-tuning the matching embedding.
-"""
+"""Stage 5, the judge: Flow Judge's prompt format with the paper's 1..5 rubric; keep scores >= 4."""
 
 from __future__ import annotations
 
@@ -57,50 +53,6 @@ How well does the answer address the instruction, directly and without extraneou
 
 Please accurately evaluate the task. Strictly adhere to the evaluation criteria and rubric."""
 
-COMPATIBILITY_RUBRIC = """- Score 1: The document has nothing to fill the template with: it is about something else.
-- Score 2: The document shares the topic, but the template's instruction could not be answered from it.
-- Score 3: The document could fill some placeholders, but the answer would need much outside knowledge.
-- Score 4: The document could fill the placeholders, and most of the answer is in its text.
-- Score 5: The document is an ideal source: every placeholder and the whole answer come from its text."""
-
-COMPATIBILITY_PROMPT = """# GOAL
-Your job is to evaluate a task carried out by an AI system powered by a large language model.
-You will be provided with the inputs and output of the task, as well as the evaluation criteria and scoring
-rubric. Your task is to evaluate the output of the AI system based on the evaluation criteria and scoring
-rubric provided.
-
-# INPUT
-Below are the inputs required for performing the task:
-<inputs>
-<instruction_template>
-{template}
-</instruction_template>
-</inputs>
-
-# OUTPUT
-Below is the output of the task, a document retrieved as a source for the template:
-<output>
-{document}
-</output>
-
-# EVALUATION CRITERIA AND SCORING RUBRIC
-Here are the evaluation criteria and the rubric that you need to use for evaluating the task:
-<evaluation_criteria>
-Is the document compatible with the instruction template: could its placeholders be filled with facts
-from the document, and the resulting instruction be answered from the document's own text?
-</evaluation_criteria>
-
-<scoring_rubric>
-{rubric}
-</scoring_rubric>
-
-# INSTRUCTIONS FOR THE EVALUATION
-1. Understand the task and criteria: read the template, the document and the rubric.
-2. Write your feedback in one or two sentences inside <feedback></feedback> tags.
-3. Give a score from 1 to 5 inside <score></score> tags.
-
-Please accurately evaluate the task. Strictly adhere to the evaluation criteria and rubric."""
-
 _SCORE = re.compile(r"<score>\s*([1-5])\s*</score>")
 _FEEDBACK = re.compile(r"<feedback>(.*?)</feedback>", re.DOTALL)
 
@@ -114,7 +66,7 @@ def build_request(
     prompt_format: str = "flow_judge",
 ) -> GenerationRequest:
     """Flow Judge's own format, for Flow Judge itself and for any stand-in judge."""
-    return _flow_judge_request(
+    return flow_judge_request(
         PROMPT.format(instruction=instruction, answer=answer, rubric=RUBRIC),
         model,
         max_new_tokens,
@@ -123,37 +75,10 @@ def build_request(
     )
 
 
-def build_compatibility_request(
-    template: str,
-    document: str,
-    model: str,
-    max_new_tokens: int,
-    constrain: bool = True,
-    prompt_format: str = "flow_judge",
+def flow_judge_request(
+    prompt: str, model: str, max_new_tokens: int, constrain: bool = True, prompt_format: str = "flow_judge"
 ) -> GenerationRequest:
-    """Is `document` a source for `template`? Scored 1..5 like an answer; `compatibility_label` maps
-    the score to the paper's 1/0 label."""
-    return _flow_judge_request(
-        COMPATIBILITY_PROMPT.format(template=template, document=document, rubric=COMPATIBILITY_RUBRIC),
-        model,
-        max_new_tokens,
-        constrain,
-        prompt_format,
-    )
-
-
-def compatibility_label(score: int, compatible_min: int = 4, incompatible_max: int = 2) -> float | None:
-    """1.0 compatible, 0.0 incompatible, None for the uncertain middle (not used as a label)."""
-    if score >= compatible_min:
-        return 1.0
-    if score <= incompatible_max:
-        return 0.0
-    return None
-
-
-def _flow_judge_request(
-    prompt: str, model: str, max_new_tokens: int, constrain: bool, prompt_format: str
-) -> GenerationRequest:
+    """A Flow Judge prompt answered with feedback and a forced `<score>N</score>`, for any criteria."""
     if prompt_format != "flow_judge":
         raise ValueError(f"unknown judge prompt format {prompt_format!r}")
     messages = [ChatMessage("user", prompt)]
@@ -208,6 +133,4 @@ def judge_results(
 
 def prompt_fingerprint() -> str:
     """Hash of the prompt text as loaded, so an edited or patched prompt makes this stage stale."""
-    return hashlib.sha256(
-        json.dumps([PROMPT, RUBRIC, COMPATIBILITY_PROMPT, COMPATIBILITY_RUBRIC]).encode()
-    ).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([PROMPT, RUBRIC]).encode()).hexdigest()[:16]

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import (
     budget,
+    compatibility,
     distill,
     embed,
     evaluation,
@@ -28,7 +32,8 @@ from . import (
     templates,
     training,
 )
-from .config import Config
+from . import distill_stages as ds
+from .config import Config, expand_model_path
 from .io import readers
 from .io.lake import UNPARTITIONED, Lake
 from .llm import constraints
@@ -49,8 +54,8 @@ _CONFIG = {
     "instruction_pairs": ("instantiation", "profile.instantiate"),
     "judged_corpus": ("judge", "profile.judge"),
     "training_corpus": ("training",),
-    # The distillation loop reads the teacher's profile, never the active one: switching the active
-    # profile to the students it trained must not make it train them again.
+    # The distillation loop's settings are the teacher profile's, never the active one's (its inputs,
+    # query_set and template_matches, are what the pipeline made).
     "silver_genericizer_examples": (
         "distillation.teacher_profile",
         "distillation.seed",
@@ -67,14 +72,8 @@ _CONFIG = {
     ),
     "genericizer_model": ("distillation.student", "distillation.seed", "distillation.genericizer"),
     "instantiator_model": ("distillation.student", "distillation.seed", "distillation.instantiator"),
-    "matching_embedding": (
-        "distillation.seed",
-        "distillation.embedding",
-        "matching.k",
-        "matching.sigma",
-        "matching.alpha",
-        "matching.threshold",
-    ),
+    # distillation.embedding is hashed in `signature`, its teacher_judgment settings only when used.
+    "matching_embedding": ("distillation.seed", "matching.k", "matching.sigma", "matching.alpha", "matching.threshold"),
 }
 _CODE = {
     "raw_queries": (readers,),
@@ -87,11 +86,11 @@ _CODE = {
     "instruction_pairs": (instantiate, excerpts, constraints),
     "judged_corpus": (judge, constraints),
     "training_corpus": (budget,),
-    "silver_genericizer_examples": (distill, genericize, templates),
-    "silver_instantiation_examples": (distill, instantiate, excerpts, constraints),
-    "genericizer_model": (distill, training),
-    "instantiator_model": (distill, training),
-    "matching_embedding": (distill, training, embed, evaluation, judge),
+    "silver_genericizer_examples": (distill, genericize, templates, ds.silver_genericizer_examples),
+    "silver_instantiation_examples": (distill, instantiate, excerpts, constraints, ds.silver_instantiation_examples),
+    "genericizer_model": (distill, training, ds.genericizer_model, ds._train_student),
+    "instantiator_model": (distill, training, ds.instantiator_model, ds._train_student),
+    "matching_embedding": (distill, training, embed, evaluation, ds.matching_embedding, ds.labelled_pairs),
 }
 UPSTREAM = {
     "query_set": "raw_queries",
@@ -112,17 +111,32 @@ def _file_hash(path: Path, h: hashlib._Hash) -> None:
             h.update(block)
 
 
-_PROFILE_MODELS = {"profile.genericize": "genericize", "profile.instantiate": "instantiate", "profile.judge": "judge"}
+_MODEL_KEYS = ("model", "embedder", "student", "base")
 
 
-def _weights_identity(model: str) -> str:
-    """The weights of a model that is a local directory (the students, a fine-tuned embedder): its path
-    alone stays the same when it is retrained."""
-    path = Path(model)
+def _models_in(value: Any, key: str) -> list[str]:
+    """Model names or paths in a config section: its `model`, `embedder`, `student` and `base` values."""
+    if isinstance(value, dict):
+        return [m for k, v in value.items() for m in _models_in(v, k)]
+    return [value] if isinstance(value, str) and key in _MODEL_KEYS else []
+
+
+def _weights_identity(cfg: Config, model: str) -> str:
+    """The weights of a model that is a local directory or file (the students, a fine-tuned embedder, a
+    GGUF): its path alone stays the same when it is retrained."""
+    path = Path(expand_model_path(model, cfg.root, cfg.data_dir))
+    if path.is_file():
+        return file_identity(path)
     if not path.is_dir():
         return ""
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.gguf"))
     return "|".join(file_identity(f) for f in files)
+
+
+def _hash_models(cfg: Config, sections: Sequence[str], h: hashlib._Hash) -> None:
+    for section in sections:
+        for model in _models_in(cfg.section(section), section.rsplit(".", 1)[-1]):
+            h.update(_weights_identity(cfg, model).encode())
 
 
 def signature(cfg: Config, asset: str, partition: str, sources: list[str], shards: list[str]) -> str:
@@ -130,11 +144,7 @@ def signature(cfg: Config, asset: str, partition: str, sources: list[str], shard
     h = hashlib.sha256()
     h.update(asset.encode())
     h.update(cfg.stage_fingerprint(*_CONFIG[asset]).encode())
-    for section in _CONFIG[asset]:  # a model retrained in place is a new model
-        if section == "profile.embedder":
-            h.update(_weights_identity(cfg.embedder).encode())
-        elif section in _PROFILE_MODELS:
-            h.update(_weights_identity(cfg.models[_PROFILE_MODELS[section]].model).encode())
+    _hash_models(cfg, _CONFIG[asset], h)  # a model retrained in place is a new model
     threshold_file = cfg.threshold_file() if "profile.matching_threshold" in _CONFIG[asset] else None
     if threshold_file is not None:
         _file_hash(threshold_file, h)
@@ -173,16 +183,21 @@ def signature(cfg: Config, asset: str, partition: str, sources: list[str], shard
         upstream = "silver_genericizer_examples" if asset == "genericizer_model" else "silver_instantiation_examples"
         _file_hash(lake.path(upstream, UNPARTITIONED), h)
     elif asset == "matching_embedding":
-        d = cfg.raw.get("distillation") or {}
-        e = d.get("embedding") or {}
+        e = dict((cfg.raw.get("distillation") or {}).get("embedding") or {})
+        judged = e.get("labels") == "teacher_judgment"
+        if not judged:
+            e.pop("teacher_judgment", None)
+        h.update(json.dumps(e, sort_keys=True, default=str).encode())
+        _hash_models(cfg, ["distillation.embedding.base"], h)
         for key in ("questions", "paragraphs"):
             _file_hash(cfg.root / str(e.get(key, "")), h)
-        if e.get("labels") == "teacher_judgment":  # the teacher's judge and what it judged
-            h.update(
-                cfg.stage_fingerprint(
-                    "distillation.teacher_profile", "teacher.judge", "judge", "instantiation.window_chars"
-                ).encode()
-            )
+        if judged:  # the teacher's judge, its criteria, and what it judged
+            sections = ("distillation.teacher_profile", "teacher.judge", "judge", "instantiation.window_chars")
+            h.update(cfg.stage_fingerprint(*sections).encode())
+            _hash_models(cfg, ["teacher.judge"], h)
+            for mod in (compatibility, judge, ds.teacher_judged_pairs):
+                h.update(inspect.getsource(mod).encode())
+            h.update(compatibility.prompt_fingerprint().encode())
             _file_hash(lake.path("template_index", UNPARTITIONED), h)
             for s in sorted(shards):
                 _file_hash(lake.path("template_matches", s), h)

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, make_tiny_project
 from dagster import DagsterInstance, materialize
 
@@ -20,9 +21,9 @@ from fineinstructions_assets.assets import (
 )
 from fineinstructions_assets.partitions import register_partitions
 from fineinstructions_assets.resources import FineInstructionsResource
-from fineinstructions_core import distill, genericize
+from fineinstructions_core import compatibility, distill, genericize
 from fineinstructions_core.config import load_config
-from fineinstructions_core.distill_stages import labelled_pairs
+from fineinstructions_core.distill_stages import labelled_pairs, teacher_judged_pairs
 from fineinstructions_core.embed import Embedder
 from fineinstructions_core.evaluation import load_labelled_set, subset_by_titles
 from fineinstructions_core.excerpts import expand_answer
@@ -173,3 +174,18 @@ def test_labelled_pairs_have_hard_negatives_from_the_same_article():
     title = dict(zip(data.pids, data.titles, strict=True))
     same_article = sum(title[question_pid[q]] == title[text_pid[d]] for q, d in negatives)
     assert same_article > len(negatives) / 2
+
+
+def test_teacher_judgment_refuses_bad_settings_before_any_request(tmp_path: Path):
+    project = make_tiny_project(tmp_path, queries=2, docs=1)
+    overlap = load_config(
+        project,
+        {"distillation": {"embedding": {"teacher_judgment": {"incompatible_max_score": 4, "compatible_min_score": 4}}}},
+    )
+    with pytest.raises(ValueError, match="must be below compatible_min_score"):
+        teacher_judged_pairs(overlap, [], print)
+    # The active profile's embedder is the one being trained: its matches would label themselves.
+    loop = load_config(project, {"model_profile": "distilled"})
+    with pytest.raises(ValueError, match="is the one this asset trains"):
+        teacher_judged_pairs(loop, [], print)
+    assert compatibility.label(3) is None and compatibility.label(5) == 1.0 and compatibility.label(1) == 0.0

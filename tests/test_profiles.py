@@ -47,10 +47,34 @@ def test_switching_profile_makes_model_stages_stale(tiny_project: Path):
             b, asset, "all", ["nq"], ["debian-00000"]
         )
     teacher = load_config(tiny_project, {"distillation": {"teacher_profile": "paper"}})
+    # the teacher's own model settings count too (here the default teacher, `embedded`, gets new ones)
+    retuned = load_config(
+        tiny_project,
+        {"model_profiles": {"embedded": {"genericize": {"max_new_tokens": 7}, "instantiate": {"max_new_tokens": 7}}}},
+    )
     for asset in distillation[:2]:
-        assert signature(a, asset, "all", ["nq"], ["debian-00000"]) != signature(
-            teacher, asset, "all", ["nq"], ["debian-00000"]
-        )
+        for other in (teacher, retuned):
+            assert signature(a, asset, "all", ["nq"], ["debian-00000"]) != signature(
+                other, asset, "all", ["nq"], ["debian-00000"]
+            )
+    # teacher-judgment settings count only when they are the labels in use
+    judged = {"teacher_judgment": {"matches": 3}}
+    assert signature(a, "matching_embedding", "all", [], []) == signature(
+        load_config(tiny_project, {"distillation": {"embedding": judged}}), "matching_embedding", "all", [], []
+    )
+    assert signature(
+        load_config(tiny_project, {"distillation": {"embedding": {"labels": "teacher_judgment"}}}),
+        "matching_embedding",
+        "all",
+        [],
+        [],
+    ) != signature(
+        load_config(tiny_project, {"distillation": {"embedding": judged | {"labels": "teacher_judgment"}}}),
+        "matching_embedding",
+        "all",
+        [],
+        [],
+    )
 
 
 def test_released_genericizer_format_and_json_answers():
@@ -111,6 +135,11 @@ def test_calibrated_threshold_needs_the_file_the_embedding_asset_writes(tiny_pro
     assert cfg.matching_threshold() == 0.31
     assert signature(cfg, "template_matches", "debian-00000", [], []) != before  # a new threshold: rematch
     assert load_config(tiny_project).matching_threshold() == 0.0  # the tiny config's own number
+    with pytest.raises(ConfigError, match="must be a number or 'calibrated'"):
+        load_config(tiny_project, {"model_profiles": {"embedded": {"matching_threshold": "calibrate"}}})
+    hub = load_config(tiny_project, {"model_profiles": {"embedded": {"matching_threshold": "calibrated"}}})
+    with pytest.raises(ConfigError, match="needs the embedder to be a local model directory"):
+        hub.matching_threshold()
 
 
 def test_a_model_retrained_in_place_makes_its_stages_stale(tiny_project: Path, tmp_path: Path):
