@@ -1,6 +1,7 @@
 """The distillation loop's stages: silver examples from a teacher, students trained on seeds + silver,
-and the matching embedder fine-tuned on labelled pairs. Each writes the lake and its accounting like
-every other stage, so the Dagster assets, the CLI and the tests run the same code.
+and the matching embedder fine-tuned on labelled pairs or the teacher's compatibility judgment. Each
+writes the lake and its accounting like every other stage, so the Dagster assets, the CLI and the
+tests run the same code.
 """
 
 from __future__ import annotations
