@@ -62,6 +62,20 @@ def _rejections(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["reason", "detail"])
 
 
+def _training_matches(lake: Lake, shards: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The shards' template matches, without those of held-out articles' documents (no held-out measure
+    is trained on), and their documents indexed by id."""
+    matches = lake.read_all("template_matches", shards)
+    docs = lake.read_all("documents", shards)
+    if not len(matches):
+        return matches, docs
+    docs = docs.set_index("document_id")
+    if "title" in docs:
+        held = docs.index[docs["title"].isin(distill.HELDOUT_ARTICLES)]
+        matches = matches[~matches["document_id"].isin(set(held))]
+    return matches, docs
+
+
 # ------------------------------------------------------------------------------------ silver examples
 
 
@@ -114,13 +128,8 @@ def silver_instantiation_examples(cfg: Config, shards: list[str], logger: Logger
     ins = cfg.instantiation
     seeds = distill.load_instantiation_seeds()
     lake = Lake(cfg.lake_dir)
-    matches = lake.read_all("template_matches", shards)
-    docs = lake.read_all("documents", shards)
+    matches, docs = _training_matches(lake, shards)
     frames: list[pd.DataFrame] = []
-    if len(matches):
-        docs = docs.set_index("document_id")
-        held = docs.index[docs["title"].isin(distill.HELDOUT_ARTICLES)] if "title" in docs else []
-        matches = matches[~matches["document_id"].isin(set(held))]
     sample = _sample(matches, d.get("silver_instantiation_matches"), seed)
     teacher = teacher_config(cfg)
     stats = None
@@ -344,16 +353,12 @@ def teacher_judged_pairs(
             "Materialize the pipeline and the distillation with another profile (e.g. model_profile: embedded)"
         )
     lake = Lake(cfg.lake_dir)
-    matches = lake.read_all("template_matches", shards)
+    matches, docs = _training_matches(lake, shards)
     if not len(matches):
         raise ValueError(
-            "matching_embedding with labels: teacher_judgment needs template_matches: materialize the pipeline "
-            "up to template_matches first"
+            "matching_embedding with labels: teacher_judgment needs template_matches outside the held-out "
+            "articles: materialize the pipeline up to template_matches first"
         )
-    docs = lake.read_all("documents", shards).set_index("document_id")
-    if "title" in docs:
-        held = set(docs.index[docs["title"].isin(distill.HELDOUT_ARTICLES)])
-        matches = matches[~matches["document_id"].isin(held)]
     matches = matches[matches["rank"] < int(tj.get("templates_per_document", 5))]
     sample = _sample(matches, tj.get("matches"), int(d.get("seed", 0)))
     index = lake.read("template_index").set_index("template_id")
@@ -430,13 +435,12 @@ def matching_embedding(cfg: Config, shards: list[str], logger: Logger = log.info
     labels = str(e.get("labels", "labelled_pairs"))
     if labels not in EMBEDDING_LABELS:
         raise ValueError(f"distillation.embedding.labels must be one of {EMBEDDING_LABELS}, not {labels!r}")
-    label_rejections, label_llm, rows_in = None, None, 0
     if labels == "teacher_judgment":
         pairs, label_rejections, label_llm, rows_in = teacher_judged_pairs(cfg, shards, logger)
     else:
         max_pairs = e.get("max_pairs", 2000)
         pairs = labelled_pairs(train, base, None if max_pairs is None else int(max_pairs), seed)
-        rows_in = len(pairs)
+        label_rejections, label_llm, rows_in = None, None, len(pairs)
     if {p[2] for p in pairs} != {0.0, 1.0}:
         raise ValueError(
             f"matching_embedding: {len(pairs)} labelled pairs ({labels}) without both a compatible and an "

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .llm.models import EMBEDDED_EMBEDDER, embedded_embedder_dir, file_identity, resolve_local_or_hub
+from .llm.models import EMBEDDED_EMBEDDER, embedded_embedder_dir, resolve_local_or_hub, weights_identity
 
 log = logging.getLogger(__name__)
 _LOADED: dict[str, tuple[Any, Any]] = {}
@@ -100,8 +100,8 @@ class Embedder:
         embedded = model in (EMBEDDED_EMBEDDER, "embedded:all-MiniLM-L6-v2")
         path = embedded_embedder_dir() if embedded else resolve_local_or_hub(model)[0]
         self.path = path
-        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        self.identity = f"{model}@{file_identity(weights[0])}" if weights else model
+        weights = weights_identity(path)
+        self.identity = f"{model}@{weights}" if weights else model
         self.batch_size = batch_size
         self.tokenizer, self.model = self._load(path)
         limit = int(getattr(self.model.config, "max_position_embeddings", 512))

@@ -37,7 +37,7 @@ from .config import Config, expand_model_path
 from .io import readers
 from .io.lake import UNPARTITIONED, Lake
 from .llm import constraints
-from .llm.models import file_identity
+from .llm.models import weights_identity
 from .shards import get_shard
 
 QUERY_CHAIN = ["raw_queries", "query_set", "template_bank"]
@@ -121,22 +121,11 @@ def _models_in(value: Any, key: str) -> list[str]:
     return [value] if isinstance(value, str) and key in _MODEL_KEYS else []
 
 
-def _weights_identity(cfg: Config, model: str) -> str:
-    """The weights of a model that is a local directory or file (the students, a fine-tuned embedder, a
-    GGUF): its path alone stays the same when it is retrained."""
-    path = Path(expand_model_path(model, cfg.root, cfg.data_dir))
-    if path.is_file():
-        return file_identity(path)
-    if not path.is_dir():
-        return ""
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.gguf"))
-    return "|".join(file_identity(f) for f in files)
-
-
 def _hash_models(cfg: Config, sections: Sequence[str], h: hashlib._Hash) -> None:
+    """The weights of every local model the sections name: a model retrained in place is a new model."""
     for section in sections:
         for model in _models_in(cfg.section(section), section.rsplit(".", 1)[-1]):
-            h.update(_weights_identity(cfg, model).encode())
+            h.update((weights_identity(Path(expand_model_path(model, cfg.root, cfg.data_dir))) or "").encode())
 
 
 def signature(cfg: Config, asset: str, partition: str, sources: list[str], shards: list[str]) -> str:
@@ -144,7 +133,7 @@ def signature(cfg: Config, asset: str, partition: str, sources: list[str], shard
     h = hashlib.sha256()
     h.update(asset.encode())
     h.update(cfg.stage_fingerprint(*_CONFIG[asset]).encode())
-    _hash_models(cfg, _CONFIG[asset], h)  # a model retrained in place is a new model
+    _hash_models(cfg, _CONFIG[asset], h)
     threshold_file = cfg.threshold_file() if "profile.matching_threshold" in _CONFIG[asset] else None
     if threshold_file is not None:
         _file_hash(threshold_file, h)

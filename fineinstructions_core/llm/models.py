@@ -61,6 +61,17 @@ def file_identity(path: Path) -> str:
     return f"{path.name}:{st.st_size}:{h.hexdigest()[:16]}"
 
 
+def weights_identity(path: Path) -> str | None:
+    """Identity of a local model's weights (a weights file, or every weights file of a directory); None
+    when there are none. A model retrained in place gets a new one, though its path stays the same."""
+    if path.is_file():
+        return file_identity(path)
+    if not path.is_dir():
+        return None
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.gguf"))
+    return "|".join(file_identity(f) for f in files) or None
+
+
 def resolve_llm(model: str, cache_dir: Path) -> tuple[Path, str]:
     """A loadable directory (or hub id as a path-like string) and the model identity for the cache."""
     if model == EMBEDDED_LLM:
@@ -81,8 +92,7 @@ def resolve_local_or_hub(model: str) -> tuple[Path, str]:
     """
     path = Path(model).expanduser()
     if path.exists():
-        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        ident = file_identity(weights[0]) if weights else json.dumps(sorted(p.name for p in path.iterdir()))
+        ident = weights_identity(path) or json.dumps(sorted(p.name for p in path.iterdir()))
         return path, f"{path.resolve()}@{ident}"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
