@@ -1,8 +1,9 @@
 """The `fineinstructions` command: run the whole graph without the UI, register partitions, read stats.
 
 `run` materializes through Dagster (so every run shows in the UI of the same DAGSTER_HOME), but only
-the partitions whose inputs changed: for each partition it finds the first stale stage of its chain
-and materializes that stage and everything after it in one run.
+the partitions whose inputs changed. The run order comes from the stage registry: for each chain of
+partitioned stages and each partition it finds the first stale stage and materializes that stage and
+everything after it in one run; each unpartitioned stage runs on its own when it is stale.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from fineinstructions_core.config import Config, ConfigError, load_config
 from fineinstructions_core.io.catalog import lineage, refresh_catalog, stats
 from fineinstructions_core.io.lake import UNPARTITIONED, Lake
 from fineinstructions_core.llm.cache import RequestCache
-from fineinstructions_core.plan import QUERY_CHAIN, SHARD_CHAIN, is_fresh, signature
+from fineinstructions_core.plan import runs_to_do
+from fineinstructions_core.registry import REGISTRY
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -83,12 +85,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     runs = 0
 
-    def stale_suffix(chain: list[str], partition: str) -> list[str]:
-        for i, asset in enumerate(chain):
-            if args.all or not is_fresh(cfg, asset, partition, signature(cfg, asset, partition, sources, shards)):
-                return chain[i:]
-        return []
-
     def launch(selection: list[str], partition: str | None) -> None:
         nonlocal runs
         label = f"{', '.join(selection)}" + (f" [{partition}]" if partition else "")
@@ -111,28 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         print(f"  done in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})", flush=True)
 
-    for src in sources:
-        todo = stale_suffix(QUERY_CHAIN, src)
-        if todo:
-            launch(todo, src)
-    for asset in ("template_index",):
-        if stale_suffix([asset], UNPARTITIONED):
-            launch([asset], None)
-    for shard in shards:
-        todo = stale_suffix(SHARD_CHAIN, shard)
-        if todo:
-            launch(todo, shard)
-    if stale_suffix(["training_corpus"], UNPARTITIONED):
-        launch(["training_corpus"], None)
-    if args.distillation:
-        from fineinstructions_core.stages import DISTILLATION_ASSETS
-
-        for asset in DISTILLATION_ASSETS:  # in dependency order
-            if stale_suffix([asset], UNPARTITIONED):
-                launch([asset], None)
+    for stages, partition in runs_to_do(cfg, sources, shards, include_on_demand=args.distillation, force=args.all):
+        launch(stages, partition)
     elapsed = time.perf_counter() - started
-    refresh_catalog(cfg.catalog_path, cfg.lake_dir)
-    summary = stats(_active_accounting(cfg))
+    refresh_catalog(cfg.catalog_path, cfg.lake_dir, REGISTRY.names())
+    summary = stats(_active_accounting(cfg), REGISTRY.names())
     print(f"pipeline finished: {runs} runs in {elapsed:.1f}s; catalog at {cfg.catalog_path}")
     for name, s in summary.items():
         rej = ", ".join(f"{k}={v}" for k, v in s["rejected_by_reason"].items()) or "-"
@@ -153,7 +132,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args.set))
-    summary = stats(_active_accounting(cfg))
+    summary = stats(_active_accounting(cfg), REGISTRY.names())
     if args.json:
         print(json.dumps({"stages": summary, "all_balanced": all(s["balanced"] for s in summary.values())}, indent=1))
     else:
@@ -164,7 +143,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args.set))
-    refresh_catalog(cfg.catalog_path, cfg.lake_dir)
+    refresh_catalog(cfg.catalog_path, cfg.lake_dir, REGISTRY.names())
     row = lineage(cfg.catalog_path, args.pair_id)
     if row is None:
         print(f"no pair {args.pair_id!r} in {cfg.catalog_path}", file=sys.stderr)
@@ -210,7 +189,8 @@ def _descriptions(cfg, data, mode: str) -> tuple[list[str], list[bool]]:
     if mode == "raw":
         return list(data.questions), [True] * len(data.questions)
     from fineinstructions_core import genericize
-    from fineinstructions_core.stages import ProgressReporter, genericize_requests, llm_for
+    from fineinstructions_core.llm_requests import genericize_requests
+    from fineinstructions_core.stage_base import ProgressReporter, llm_for
     from fineinstructions_core.templates import check_template
 
     llm = llm_for(cfg, "genericize")
@@ -240,14 +220,14 @@ def cmd_eval_matching(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args.set))
     data = _labelled(args)
     m = cfg.matching
-    K, sigma, alpha = int(m.get("k", 5)), float(m.get("sigma", 0.05)), float(m.get("alpha", 1.0))
+    K, sigma, alpha = m.k, m.sigma, m.alpha
     embedder = Embedder(cfg.embedder)
     pooled = embedder.embed_documents(data.texts, K, sigma, alpha)
     threshold = _profile_threshold(cfg)
     report: dict[str, Any] = {
         "paragraphs": len(data.pids),
         "questions": len(data.questions),
-        "threshold": float(m.get("threshold", 0.25)) if threshold is None else threshold,
+        "threshold": m.threshold if threshold is None else threshold,
         "k": K,
         "sigma": sigma,
         "alpha": alpha,
@@ -274,9 +254,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     data = _labelled(args)
     m = cfg.matching
     embedder = Embedder(cfg.embedder)
-    pooled = embedder.embed_documents(
-        data.texts, int(m.get("k", 5)), float(m.get("sigma", 0.05)), float(m.get("alpha", 1.0))
-    )
+    pooled = embedder.embed_documents(data.texts, m.k, m.sigma, m.alpha)
     desc, keep = _descriptions(cfg, data, args.mode)
     result = calibrate_threshold(data, desc, keep, embedder, pooled)
     result |= {"mode": args.mode, "embedder": embedder.identity, "current_threshold": _profile_threshold(cfg)}
@@ -285,7 +263,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_students(args: argparse.Namespace) -> int:
-    from fineinstructions_core.distill_stages import compare_students
+    from fineinstructions_core.student_eval import compare_students
 
     overrides = _overrides(args.set)
     baseline = load_config(args.config, overrides | {"model_profile": args.baseline})

@@ -5,10 +5,15 @@ from __future__ import annotations
 from dagster import DagsterInstance, DynamicPartitionsDefinition
 
 from fineinstructions_core.config import Config
+from fineinstructions_core.registry import Partitioning
 from fineinstructions_core.shards import plan_all_shards
 
-query_sources = DynamicPartitionsDefinition(name="query_sources")
-corpus_shards = DynamicPartitionsDefinition(name="corpus_shards")
+query_sources = DynamicPartitionsDefinition(name=Partitioning.QUERY_SOURCE.value)
+corpus_shards = DynamicPartitionsDefinition(name=Partitioning.CORPUS_SHARD.value)
+PARTITIONS: dict[Partitioning, DynamicPartitionsDefinition] = {
+    Partitioning.QUERY_SOURCE: query_sources,
+    Partitioning.CORPUS_SHARD: corpus_shards,
+}
 
 
 def desired_partitions(cfg: Config) -> dict[str, list[str]]:

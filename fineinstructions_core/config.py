@@ -1,25 +1,53 @@
 """The project config: one YAML file naming query sources, corpora, models and thresholds.
 
-Every field can be overridden per run (a nested dict merged on top) or from the environment
-(`FI_DATA_DIR`, `FI_SCALE`, `FI_CONFIG`), so the same file serves the demo and a full run.
+Each section is a frozen, typed settings class whose defaults are written here and nowhere else. The
+whole file is validated when it loads: an unknown key, a wrong type or an out-of-range value fails with
+the key's dotted path and what was expected, before any stage runs. Every field can be overridden per
+run (a nested dict merged on top) or from the environment (`FI_DATA_DIR`, `FI_SCALE`, `FI_CONFIG`), so
+the same file serves the demo and a full run.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import hashlib
 import json
+import logging
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass as settings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_NAME = "fineinstructions.yaml"
 QUERY_FORMATS = ("jsonl", "json", "tsv", "tsv.gz")
-_MODEL_KEYS = {"backend", "model", "max_new_tokens", "temperature", "batch_size", "prompt_format", "constrained"}
+CORPUS_FORMATS = ("jsonl", "text")
 BACKENDS = ("transformers", "vllm", "openai")
+# Backend-specific keys a profile's stage entry may add (passed to the backend); None: any engine argument.
+BACKEND_OPTIONS: dict[str, tuple[str, ...] | None] = {
+    "transformers": (),
+    "vllm": None,
+    "openai": (
+        "base_url",
+        "identity_model",
+        "concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_s",
+        "max_backoff_s",
+        "api_key",
+        "tokenizer_path",
+    ),
+}
 # A stage's prompt format belongs to the model family it talks to, not to the backend that runs it:
 # the first one is the default (the few-shot prompts the embedded model needs); "fineinstructions" is
 # the bare input framing the released fineinstructions/* models were trained on.
@@ -28,9 +56,9 @@ PROMPT_FORMATS = {
     "instantiate": ("fewshot", "fineinstructions"),
     "judge": ("flow_judge",),
 }
-CORPUS_FORMATS = ("jsonl", "text")
-
-
+LLM_STAGES = tuple(PROMPT_FORMATS)
+EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
+EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 CALIBRATED_THRESHOLD_FILE = "matching_threshold.json"
 
 
@@ -38,35 +66,236 @@ class ConfigError(ValueError):
     """Raised with a message that names the offending config key."""
 
 
-@dataclass(frozen=True)
+# Strict scalars: `threshold: abc` or `k: true` is an error, not a silent conversion (an int is a float).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+_SECTION = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def _glob(root: Path, pattern: str) -> list[Path]:
+    p = Path(pattern)
+    base = p if p.is_absolute() else root / p
+    if any(ch in pattern for ch in "*?["):
+        anchor = Path(base.anchor)
+        rel = base.relative_to(anchor)
+        return sorted(anchor.glob(str(rel)))
+    return [base] if base.exists() else []
+
+
+@settings(frozen=True, config=_SECTION)
 class QuerySource:
-    name: str
-    path: str
-    format: str
-    text_field: str | None = None
-    text_column: int | None = None
+    """One query source: a file or glob and where the query text is in each record."""
+
+    name: Str
+    path: Str
+    format: Literal["jsonl", "json", "tsv", "tsv.gz"]
+    text_field: Str | None = None
+    text_column: Int = Field(0, ge=0)
 
     def files(self, root: Path) -> list[Path]:
         return _glob(root, self.path)
 
 
-@dataclass(frozen=True)
+@settings(frozen=True, config=_SECTION)
 class Corpus:
-    name: str
-    path: str
-    format: str
-    text_field: str = "text"
-    id_field: str | None = None
-    title_field: str | None = None
-    shard_size: int | None = None
+    """One document corpus: files, format and field mapping; shard_size overrides the project's."""
+
+    name: Str
+    path: Str
+    format: Literal["jsonl", "text"]
+    text_field: Str = "text"
+    id_field: Str | None = None
+    title_field: Str | None = None
+    shard_size: Int | None = Field(None, ge=1)
 
     def files(self, root: Path) -> list[Path]:
         return _glob(root, self.path)
+
+    @field_validator("name")
+    @classmethod
+    def _no_dash(cls, v: str) -> str:
+        if "-" in v:
+            raise ValueError(f"corpus name {v!r} may not contain '-' (it separates shard numbers)")
+        return v
+
+
+# ------------------------------------------------------------------------------------ stage sections
+
+
+@settings(frozen=True, config=_SECTION)
+class DemoLimits:
+    """Limits that apply only at `scale: demo`."""
+
+    queries_per_source: Int | None = Field(None, ge=1)
+    docs_per_file: Int | None = Field(None, ge=1)
+    files_per_corpus: Int | None = Field(None, ge=1)
+
+
+@settings(frozen=True, config=_SECTION)
+class QueryFilters:
+    min_chars: Int = Field(8, ge=0)
+    max_chars: Int = Field(1000, ge=1)
+    unsafe_patterns: Str | None = None  # None: the shipped list
+    eval_sets: list[Str] = Field(default_factory=list)
+    ngram: Int = Field(8, ge=1)
+
+
+@settings(frozen=True, config=_SECTION)
+class GenericizeSettings:
+    """The genericizer has no settings beyond its model profile entry yet."""
+
+
+@settings(frozen=True, config=_SECTION)
+class MatchingSettings:
+    k: Int = Field(5, ge=0)  # local vectors per document (Gaussian pooling)
+    sigma: Float = Field(0.05, gt=0)
+    alpha: Float = Field(1.0, ge=0)
+    threshold: Float = Field(0.25, ge=-1, le=1)  # calibrated for all-MiniLM-L6-v2
+    candidates_per_vector: Int = Field(32, ge=1)
+    max_templates: Int = Field(6, ge=1)
+    seed: Int = 0
+    exact_below: Int = Field(100_000, ge=0)
+    index_factory: Str = "auto"
+    nprobe: Int = Field(16, ge=1)
+    embed_batch: Int = Field(4096, ge=1)
+    train_size: Int = Field(131_072, ge=1)
+    target_complexity_sources: list[Str] = Field(default_factory=list)
+
+
+@settings(frozen=True, config=_SECTION)
+class InstantiationSettings:
+    window_chars: Int = Field(1200, ge=64)
+    min_excerpt_ratio: Float = Field(0.8, ge=0, le=1)
+    max_span_chars: Int = Field(4000, ge=1)
+    min_answer_words: Int = Field(0, ge=0)
+    constrained_excerpts: Bool = True
+
+
+@settings(frozen=True, config=_SECTION)
+class JudgeSettings:
+    min_score: Int = Field(4, ge=1, le=5)
+    constrained_score: Bool = True
+
+
+@settings(frozen=True, config=_SECTION)
+class BudgetSettings:
+    """The training corpus's token budget per document (the paper's rollover budget)."""
+
+    rollover: Bool = True
+    budget_ratio: Float = Field(1.0, gt=0)
+
+
+@settings(frozen=True, config=_SECTION)
+class TrainingSettings:
+    """One fine-tuning run: seeded, checkpointed, resumable; max_steps/time_budget_s bound it."""
+
+    epochs: Int = Field(3, ge=1)
+    lr: Float = Field(5e-5, gt=0)
+    batch_size: Int = Field(8, ge=1)
+    max_tokens: Int = Field(512, ge=8)
+    eval_share: Float = Field(0.1, ge=0, lt=1)
+    checkpoint_every: Int = Field(50, ge=1)
+    max_steps: Int | None = Field(None, ge=1)
+    time_budget_s: Float | None = Field(None, gt=0)
+
+
+@settings(frozen=True, config=_SECTION)
+class TeacherJudgment:
+    matches: Int | None = Field(400, ge=1)
+    templates_per_document: Int = Field(5, ge=1)
+    compatible_min_score: Int = Field(4, ge=1, le=5)
+    incompatible_max_score: Int = Field(2, ge=1, le=5)
+
+
+@settings(frozen=True, config=_SECTION)
+class EmbeddingTraining:
+    """The matching embedder's fine-tuning: its labels, base model, held-out set and training run."""
+
+    labels: Literal["labelled_pairs", "teacher_judgment"] = "labelled_pairs"
+    base: Str = EMBEDDED_EMBEDDER
+    teacher_judgment: TeacherJudgment = Field(default_factory=TeacherJudgment)
+    questions: Str | None = None
+    paragraphs: Str | None = None
+    max_pairs: Int | None = Field(2000, ge=2)
+    max_heldout_questions: Int | None = Field(None, ge=1)
+    epochs: Int = Field(1, ge=1)
+    lr: Float = Field(2e-5, gt=0)
+    batch_size: Int = Field(16, ge=1)
+    max_tokens: Int = Field(256, ge=8)
+    eval_share: Float = Field(0.1, ge=0, lt=1)
+    round_two: Bool = True
+    checkpoint_every: Int = Field(100, ge=1)
+    max_steps: Int | None = Field(None, ge=1)
+    time_budget_s: Float | None = Field(None, gt=0)
+
+    def training(self) -> TrainingSettings:
+        """The training-run part of the section, in the shape both trainers take."""
+        return TrainingSettings(
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            max_tokens=self.max_tokens,
+            eval_share=self.eval_share,
+            checkpoint_every=self.checkpoint_every,
+            max_steps=self.max_steps,
+            time_budget_s=self.time_budget_s,
+        )
+
+
+@settings(frozen=True, config=_SECTION)
+class DistillationSettings:
+    teacher_profile: Str = "embedded"
+    silver_genericizer_queries: Int | None = Field(None, ge=1)
+    silver_instantiation_matches: Int | None = Field(None, ge=1)
+    student: Str = EMBEDDED_LLM
+    seed: Int = 0
+    genericizer: TrainingSettings = Field(default_factory=TrainingSettings)
+    instantiator: TrainingSettings = Field(default_factory=TrainingSettings)
+    embedding: EmbeddingTraining = Field(default_factory=EmbeddingTraining)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+@settings(frozen=True, config=ConfigDict(extra="allow"))
+class StageModelSettings:
+    """A profile's entry for one LLM stage; keys beyond these are the backend's own options."""
+
+    model: Str
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    max_new_tokens: Int = Field(128, ge=1)
+    temperature: Float = Field(0.0, ge=0)
+    batch_size: Int = Field(8, ge=1)
+    prompt_format: Str | None = None  # None: the stage's default format
+    constrained: Bool | None = None  # None: the stage section's constrained_* switch
+
+
+@settings(frozen=True, config=_SECTION)
+class ModelProfile:
+    genericize: StageModelSettings
+    instantiate: StageModelSettings
+    judge: StageModelSettings
+    embedder: Str = EMBEDDED_EMBEDDER
+    # a number, `calibrated` (written beside a fine-tuned embedder), or None: matching.threshold
+    matching_threshold: Float | Literal["calibrated"] | None = None
+
+    @field_validator("matching_threshold", mode="wrap")
+    @classmethod
+    def _threshold(cls, v: Any, handler: Any) -> Any:
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError(f"must be a number or 'calibrated', not {v!r}") from None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One stage's model: which backend runs it and how it decodes."""
+    """One stage's model as a backend sees it: which backend runs it and how it decodes."""
 
     backend: str
     model: str
@@ -78,33 +307,121 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific: base_url, concurrency, ...
 
 
-@dataclass
+# ------------------------------------------------------------------------------------ the project
+
+
+@settings(frozen=True, config=_SECTION)
+class ProjectSettings:
+    """The whole config file, validated; `Config` adds the paths it resolves to."""
+
+    model_profiles: dict[Str, ModelProfile]
+    data_dir: Str = "data"
+    scale: Literal["demo", "full"] = "demo"
+    demo: DemoLimits = Field(default_factory=DemoLimits)
+    shard_size: Int = Field(8, ge=1)
+    max_document_chars: Int = Field(5_000_000, ge=1)
+    query_sources: list[QuerySource] = Field(default_factory=list)
+    corpora: list[Corpus] = Field(default_factory=list)
+    query_filters: QueryFilters = Field(default_factory=QueryFilters)
+    genericize: GenericizeSettings = Field(default_factory=GenericizeSettings)
+    matching: MatchingSettings = Field(default_factory=MatchingSettings)
+    instantiation: InstantiationSettings = Field(default_factory=InstantiationSettings)
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    distillation: DistillationSettings = Field(default_factory=DistillationSettings)
+    model_profile: Str = "embedded"
+    model_cache_dir: Str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
+    """The validated project: its settings sections, the active profile's models and resolved paths."""
+
     root: Path
     data_dir: Path
-    scale: str
-    demo: dict[str, int]
-    shard_size: int
-    query_sources: list[QuerySource]
-    corpora: list[Corpus]
-    query_filters: dict[str, Any]
-    genericize: dict[str, Any]
-    matching: dict[str, Any]
-    instantiation: dict[str, Any]
-    judge: dict[str, Any]
-    training: dict[str, Any]
+    settings: ProjectSettings
     models: dict[str, ModelSpec]
     embedder: str
     cache_dir: Path
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
+    # The sections, typed: a stage reads `cfg.matching.k`, never a dotted string with a default.
+    @property
+    def scale(self) -> str:
+        return self.settings.scale
+
+    @property
+    def demo(self) -> DemoLimits:
+        return self.settings.demo
+
+    @property
+    def shard_size(self) -> int:
+        return self.settings.shard_size
+
+    @property
+    def max_document_chars(self) -> int:
+        return self.settings.max_document_chars
+
+    @property
+    def query_sources(self) -> list[QuerySource]:
+        return self.settings.query_sources
+
+    @property
+    def corpora(self) -> list[Corpus]:
+        return self.settings.corpora
+
+    @property
+    def query_filters(self) -> QueryFilters:
+        return self.settings.query_filters
+
+    @property
+    def matching(self) -> MatchingSettings:
+        return self.settings.matching
+
+    @property
+    def instantiation(self) -> InstantiationSettings:
+        return self.settings.instantiation
+
+    @property
+    def judge(self) -> JudgeSettings:
+        return self.settings.judge
+
+    @property
+    def budget(self) -> BudgetSettings:
+        return self.settings.budget
+
+    @property
+    def distillation(self) -> DistillationSettings:
+        return self.settings.distillation
+
+    @property
+    def profile_name(self) -> str:
+        return self.settings.model_profile
+
+    @property
+    def profile(self) -> ModelProfile:
+        return self.settings.model_profiles[self.settings.model_profile]
+
     @property
     def lake_dir(self) -> Path:
         return self.data_dir / "lake"
 
+    @property
+    def catalog_path(self) -> Path:
+        return self.data_dir / "catalog.duckdb"
+
+    @property
+    def request_cache_path(self) -> Path:
+        return self.data_dir / "request_cache.sqlite"
+
+    def path(self, relative: str) -> Path:
+        """A path of the config, relative to the config file's folder."""
+        p = Path(relative)
+        return p if p.is_absolute() else self.root / p
+
     def threshold_file(self) -> Path | None:
         """Where a `calibrated` profile's threshold lives: beside its embedder's weights."""
-        value = self.section("profile.matching_threshold")
+        value = self.profile.matching_threshold
         return Path(self.embedder) / CALIBRATED_THRESHOLD_FILE if value == "calibrated" else None
 
     def matching_threshold(self) -> float:
@@ -112,8 +429,8 @@ class Config:
         for the embedder it trained); else `matching.threshold`. Similarity scales differ per model."""
         path = self.threshold_file()
         if path is None:
-            value = self.section("profile.matching_threshold")
-            return float(self.matching.get("threshold", 0.3) if value is None else value)
+            value = self.profile.matching_threshold
+            return float(self.matching.threshold if value is None else value)
         if not path.parent.is_dir():
             raise ConfigError(
                 f"matching_threshold: calibrated needs the embedder to be a local model directory (the "
@@ -125,14 +442,6 @@ class Config:
                 "the embedder it trains; materialize it first or give the profile a number"
             )
         return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
-
-    @property
-    def catalog_path(self) -> Path:
-        return self.data_dir / "catalog.duckdb"
-
-    @property
-    def request_cache_path(self) -> Path:
-        return self.data_dir / "request_cache.sqlite"
 
     def source(self, name: str) -> QuerySource:
         for s in self.query_sources:
@@ -148,39 +457,53 @@ class Config:
 
     def limit(self, key: str) -> int | None:
         """Demo-size limits apply only at `scale: demo`; `scale: full` runs the whole sample."""
-        return int(self.demo[key]) if self.scale == "demo" and self.demo.get(key) else None
+        return getattr(self.demo, key) if self.scale == "demo" else None
 
-    def stage_fingerprint(self, *sections: str) -> str:
-        """A hash of the config sections a stage depends on, recorded with each output."""
-        blob = json.dumps({s: self.section(s) for s in sections}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def with_profile(self, name: str) -> Config:
+        """The same project with another model profile active (the distillation teacher, a comparison)."""
+        raw = copy.deepcopy(self.raw)
+        raw["model_profile"] = name
+        return parse_config(raw, self.root)
 
     def section(self, path: str) -> Any:
         """A dotted config path; `profile.` stands for the active model profile, `teacher.` for the
-        distillation teacher's (`distillation.teacher_profile`)."""
-        node: Any = self.raw
+        distillation teacher's (`distillation.teacher_profile`). Missing parts read as None."""
         parts = path.split(".")
+        node: Any = self.settings
         if parts[0] in ("profile", "teacher"):
-            name = (
-                self.raw.get("model_profile", "embedded")
-                if parts[0] == "profile"
-                else (self.raw.get("distillation") or {}).get("teacher_profile", "embedded")
-            )
-            node = (self.raw.get("model_profiles") or {}).get(name) or {}
+            name = self.settings.model_profile if parts[0] == "profile" else self.distillation.teacher_profile
+            node = self.settings.model_profiles.get(name)
             parts = parts[1:]
         for part in parts:
-            node = node.get(part) if isinstance(node, dict) else None
+            node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
         return node
 
+    def stage_fingerprint(self, *sections: str) -> str:
+        """A hash of the config sections a stage depends on (their values with defaults applied)."""
+        blob = json.dumps({s: plain(self.section(s)) for s in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-def _glob(root: Path, pattern: str) -> list[Path]:
-    p = Path(pattern)
-    base = p if p.is_absolute() else root / p
-    if any(ch in pattern for ch in "*?["):
-        anchor = Path(base.anchor)
-        rel = base.relative_to(anchor)
-        return sorted(anchor.glob(str(rel)))
-    return [base] if base.exists() else []
+
+def extras(entry: Any) -> dict[str, Any]:
+    """The keys a settings entry that allows them holds beyond its fields (a backend's options)."""
+    names = {f.name for f in dataclasses.fields(entry)}
+    return {k: v for k, v in vars(entry).items() if k not in names and not k.startswith("__")}
+
+
+def plain(value: Any) -> Any:
+    """A settings value as plain JSON-able data (dataclasses to dicts), for hashing and reports."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)} | {
+            k: plain(v) for k, v in extras(value).items()
+        }
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------ loading
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +538,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw["scale"] = os.environ["FI_SCALE"]
     if os.environ.get("FI_DATA_DIR"):
         raw["data_dir"] = os.environ["FI_DATA_DIR"]
-    return parse_config(raw, root=path.resolve().parent)
+    try:
+        return parse_config(raw, root=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def expand_model_path(model: str, root: Path, data_dir: Path) -> str:
@@ -223,112 +549,192 @@ def expand_model_path(model: str, root: Path, data_dir: Path) -> str:
     return model.replace("{data_dir}", str(data_dir)).replace("{root}", str(root))
 
 
-def _require(d: dict[str, Any], key: str, where: str) -> Any:
-    if key not in d or d[key] in (None, ""):
-        raise ConfigError(f"{where}: missing required key {key!r}")
-    return d[key]
+_PROJECT = TypeAdapter(ProjectSettings)
+
+
+def _renamed_sections(raw: dict[str, Any]) -> dict[str, Any]:
+    """Old spellings still load, with a message: `training:` is now `budget:` (the token budget)."""
+    if "training" not in raw:
+        return raw
+    if "budget" in raw:
+        raise ConfigError("training: this is the old name of budget, and both are set; keep only budget")
+    log.warning("config: the section 'training' is now called 'budget' (the training corpus's token budget)")
+    raw = dict(raw)
+    raw["budget"] = raw.pop("training")
+    return raw
 
 
 def parse_config(raw: dict[str, Any], root: Path) -> Config:
-    data_dir = Path(raw.get("data_dir", "data"))
+    raw = _renamed_sections(raw)
+    try:
+        s = _PROJECT.validate_python(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, raw)) from None
+    _check_project(s)
+    data_dir = Path(s.data_dir)
     data_dir = data_dir if data_dir.is_absolute() else root / data_dir
-    scale = raw.get("scale", "demo")
-    if scale not in ("demo", "full"):
-        raise ConfigError(f"scale must be 'demo' or 'full', not {scale!r}")
-    sources = []
-    for i, s in enumerate(raw.get("query_sources") or []):
-        where = f"query_sources[{i}]"
-        fmt = _require(s, "format", where)
-        if fmt not in QUERY_FORMATS:
-            raise ConfigError(f"{where}: format {fmt!r} is not one of {QUERY_FORMATS}")
-        if fmt in ("jsonl", "json") and not s.get("text_field"):
-            raise ConfigError(f"{where}: format {fmt} needs text_field")
-        sources.append(
-            QuerySource(
-                name=_require(s, "name", where),
-                path=_require(s, "path", where),
-                format=fmt,
-                text_field=s.get("text_field"),
-                text_column=int(s.get("text_column", 0)),
-            )
-        )
-    corpora = []
-    for i, c in enumerate(raw.get("corpora") or []):
-        where = f"corpora[{i}]"
-        fmt = _require(c, "format", where)
-        if fmt not in CORPUS_FORMATS:
-            raise ConfigError(f"{where}: format {fmt!r} is not one of {CORPUS_FORMATS}")
-        name = _require(c, "name", where)
-        if "-" in name:
-            raise ConfigError(f"{where}: corpus name {name!r} may not contain '-' (it separates shard numbers)")
-        corpora.append(
-            Corpus(
-                name=name,
-                path=_require(c, "path", where),
-                format=fmt,
-                text_field=c.get("text_field", "text"),
-                id_field=c.get("id_field"),
-                title_field=c.get("title_field"),
-                shard_size=c.get("shard_size"),
-            )
-        )
-    names = [s.name for s in sources] + [c.name for c in corpora]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"source and corpus names must be unique: {names}")
-    profile = raw.get("model_profile", "embedded")
-    profiles = raw.get("model_profiles") or {}
-    if profile not in profiles:
-        raise ConfigError(f"model_profile {profile!r} is not defined under model_profiles ({list(profiles)})")
-    threshold = (profiles[profile] or {}).get("matching_threshold")
-    if threshold is not None and threshold != "calibrated" and not isinstance(threshold, int | float):
-        raise ConfigError(
-            f"model_profiles.{profile}.matching_threshold must be a number or 'calibrated', not {threshold!r}"
-        )
-    models = {}
-    for stage in ("genericize", "instantiate", "judge"):
-        spec = (profiles[profile] or {}).get(stage)
-        if not spec:
-            raise ConfigError(f"model_profiles.{profile}.{stage} is missing")
-        if spec.get("backend", "transformers") not in BACKENDS:
-            raise ConfigError(f"model_profiles.{profile}.{stage}.backend must be one of {BACKENDS}")
-        fmt = spec.get("prompt_format") or PROMPT_FORMATS[stage][0]
-        if fmt not in PROMPT_FORMATS[stage]:
-            raise ConfigError(
-                f"model_profiles.{profile}.{stage}.prompt_format {fmt!r} is not one of {PROMPT_FORMATS[stage]}"
-            )
-        models[stage] = ModelSpec(
-            backend=spec.get("backend", "transformers"),
-            model=expand_model_path(str(_require(spec, "model", f"model_profiles.{profile}.{stage}")), root, data_dir),
-            max_new_tokens=int(spec.get("max_new_tokens", 128)),
-            temperature=float(spec.get("temperature", 0.0)),
-            batch_size=int(spec.get("batch_size", 8)),
-            prompt_format=fmt,
-            constrained=None if spec.get("constrained") is None else bool(spec["constrained"]),
-            options={k: v for k, v in spec.items() if k not in _MODEL_KEYS},
-        )
+    profile = s.model_profiles[s.model_profile]
+    models = {stage: _model_spec(stage, getattr(profile, stage), root, data_dir) for stage in LLM_STAGES}
     cache_dir = Path(
         os.environ.get("FI_MODEL_CACHE")
-        or raw.get("model_cache_dir")
+        or s.model_cache_dir
         or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fineinstructions"
     )
     return Config(
         root=root,
         data_dir=data_dir,
-        scale=scale,
-        demo=dict(raw.get("demo") or {}),
-        shard_size=int(raw.get("shard_size", 8)),
-        query_sources=sources,
-        corpora=corpora,
-        query_filters=dict(raw.get("query_filters") or {}),
-        genericize=dict(raw.get("genericize") or {}),
-        matching=dict(raw.get("matching") or {}),
-        instantiation=dict(raw.get("instantiation") or {}),
-        judge=dict(raw.get("judge") or {}),
-        training=dict(raw.get("training") or {}),
+        settings=s,
         models=models,
-        embedder=expand_model_path(
-            str((profiles[profile] or {}).get("embedder", "embedded:all-MiniLM-L6-v2")), root, data_dir
-        ),
+        embedder=expand_model_path(profile.embedder, root, data_dir),
         cache_dir=cache_dir,
         raw=raw,
     )
+
+
+def _check_project(s: ProjectSettings) -> None:
+    """Rules across keys, each naming the keys involved."""
+    for i, src in enumerate(s.query_sources):
+        if src.format in ("jsonl", "json") and not src.text_field:
+            raise ConfigError(f"query_sources[{i}].text_field: format {src.format} needs text_field")
+    names = [x.name for x in s.query_sources] + [c.name for c in s.corpora]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"query_sources/corpora: names must be unique, {dup} appear twice")
+    if s.model_profile not in s.model_profiles:
+        hint = _suggest(s.model_profile, s.model_profiles)
+        raise ConfigError(
+            f"model_profile: {s.model_profile!r} is not defined under model_profiles{hint}"
+            f" (have: {sorted(s.model_profiles)})"
+        )
+    if s.distillation.teacher_profile not in s.model_profiles:
+        raise ConfigError(
+            f"distillation.teacher_profile: {s.distillation.teacher_profile!r} is not defined under model_profiles"
+            f"{_suggest(s.distillation.teacher_profile, s.model_profiles)} (have: {sorted(s.model_profiles)})"
+        )
+    tj = s.distillation.embedding.teacher_judgment
+    if tj.incompatible_max_score >= tj.compatible_min_score:
+        raise ConfigError(
+            "distillation.embedding.teacher_judgment: incompatible_max_score "
+            f"({tj.incompatible_max_score}) must be below compatible_min_score ({tj.compatible_min_score})"
+        )
+    for name, profile in s.model_profiles.items():
+        for stage in LLM_STAGES:
+            where = f"model_profiles.{name}.{stage}"
+            entry: StageModelSettings = getattr(profile, stage)
+            fmt = entry.prompt_format or PROMPT_FORMATS[stage][0]
+            if fmt not in PROMPT_FORMATS[stage]:
+                raise ConfigError(f"{where}.prompt_format {fmt!r} is not one of {PROMPT_FORMATS[stage]}")
+            allowed = BACKEND_OPTIONS[entry.backend]
+            known = [f.name for f in dataclasses.fields(StageModelSettings)]
+            for key in extras(entry):
+                hint = _suggest(key, known + list(allowed or ()))
+                if allowed is None and not hint:
+                    continue  # a vLLM engine argument
+                if allowed is None or key not in allowed:
+                    raise ConfigError(
+                        f"{where}.{key}: unknown key for the {entry.backend} backend{hint}"
+                        + (f" (its options: {', '.join(allowed) or 'none'})" if allowed is not None else "")
+                    )
+
+
+def _model_spec(stage: str, entry: StageModelSettings, root: Path, data_dir: Path) -> ModelSpec:
+    return ModelSpec(
+        backend=entry.backend,
+        model=expand_model_path(entry.model, root, data_dir),
+        max_new_tokens=entry.max_new_tokens,
+        temperature=entry.temperature,
+        batch_size=entry.batch_size,
+        prompt_format=entry.prompt_format or PROMPT_FORMATS[stage][0],
+        constrained=entry.constrained,
+        options=extras(entry),
+    )
+
+
+# ------------------------------------------------------------------------------------ error messages
+
+
+def _suggest(word: str, candidates: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_types(tp: Any) -> list[Any]:
+    """The concrete types an annotation allows (Optional, unions and Annotated unwrapped)."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _field_types(typing.get_args(tp)[0])
+    if origin in (Union, types.UnionType):
+        return [t for a in typing.get_args(tp) for t in _field_types(a)]
+    return [tp]
+
+
+def _type_at(loc: tuple[Any, ...]) -> Any:
+    """The settings class or container type at an error location, walking from ProjectSettings."""
+    tp: Any = ProjectSettings
+    for part in loc:
+        nxt = None
+        for t in _field_types(tp):
+            origin = typing.get_origin(t)
+            if dataclasses.is_dataclass(t) and isinstance(part, str):
+                hints = typing.get_type_hints(t, include_extras=True)
+                nxt = hints.get(part)
+            elif origin is list and isinstance(part, int):
+                nxt = typing.get_args(t)[0]
+            elif origin is dict:
+                nxt = typing.get_args(t)[1]
+            if nxt is not None:
+                break
+        if nxt is None:
+            return None
+        tp = nxt
+    return tp
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _expected(tp: Any) -> str:
+    names = []
+    for t in _field_types(tp):
+        if typing.get_origin(t) is Literal:
+            names.append("one of " + ", ".join(repr(a) for a in typing.get_args(t)))
+        elif t is type(None):
+            names.append("null")
+        elif dataclasses.is_dataclass(t):
+            names.append("a mapping")
+        else:
+            names.append(_KIND.get(t, getattr(t, "__name__", str(t))))
+    return " or ".join(names)
+
+
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+
+
+def describe_errors(exc: ValidationError, raw: dict[str, Any]) -> str:
+    """Every problem of a config, one line each: the dotted key, the value and what was expected."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = _dotted(loc)
+        if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            parent = _type_at(loc[:-1])
+            fields = [f.name for f in dataclasses.fields(parent)] if dataclasses.is_dataclass(parent) else []
+            known = f"; known: {', '.join(fields)}" if fields else ""
+            lines.append(f"{key}: unknown key{_suggest(loc[-1], fields)}{known}")
+        elif err["type"] == "missing" or err["type"] == "missing_argument":
+            lines.append(f"{key}: missing required key")
+        elif err["type"] == "literal_error":
+            choices = ", ".join(repr(c) for t in _field_types(_type_at(loc)) for c in typing.get_args(t))
+            lines.append(f"{key} must be one of {choices}, not {err['input']!r}")
+        elif err["type"] == "value_error":
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key} {msg}" if msg.startswith("must") else f"{key}: {msg}")
+        elif err["type"].endswith(("_type", "_parsing")):
+            lines.append(f"{key}: expected {_expected(_type_at(loc)) or err['msg']}, got {err['input']!r}")
+        else:
+            lines.append(f"{key}: {err['input']!r} is not valid: {err['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines) if len(lines) > 1 else "invalid config: " + lines[0]

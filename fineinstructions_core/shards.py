@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, Corpus
-from .io.readers import _rel, count_corpus_records
+from .io.readers import count_corpus_records, relative_path
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,14 @@ def plan_shards(cfg: Config, corpus: Corpus) -> list[Shard]:
     if files_limit is not None:
         # The demo slice is fixed when the corpus is first seen; files added later are always taken.
         if "demo_skipped" not in manifest:
-            manifest["demo_skipped"] = [_rel(p, cfg.root) for p in files[files_limit:]]
+            manifest["demo_skipped"] = [relative_path(p, cfg.root) for p in files[files_limit:]]
             changed = True
         skipped = set(manifest["demo_skipped"])
-        files = [p for p in files if _rel(p, cfg.root) not in skipped]
+        files = [p for p in files if relative_path(p, cfg.root) not in skipped]
     docs_limit = cfg.limit("docs_per_file")
     pending: list[Segment] = []
     for path in files:
-        rel = _rel(path, cfg.root)
+        rel = relative_path(path, cfg.root)
         n = count_corpus_records(corpus, path)
         if docs_limit is not None:
             n = min(n, docs_limit)

@@ -12,7 +12,7 @@ from fineinstructions_assets.resources import FineInstructionsResource
 from fineinstructions_assets.sensors import partition_registration_sensor
 from fineinstructions_core.config import load_config
 from fineinstructions_core.io.lake import Accounting, Lake
-from fineinstructions_core.stages import StageResult
+from fineinstructions_core.stage_base import StageResult
 
 
 def test_graph_shape():

@@ -134,7 +134,7 @@ def test_distillation_assets_materialize(tmp_path: Path, dagster_home: Path):
 
 
 def test_eval_students_reports_shares_on_heldout_inputs(tmp_path: Path):
-    from fineinstructions_core.distill_stages import compare_students
+    from fineinstructions_core.student_eval import compare_students
 
     cfg = load_config(ROOT / "fineinstructions.yaml", {"data_dir": str(tmp_path / "data")})
     report = compare_students(cfg, cfg, queries_per_source=1, paragraphs=1)
@@ -178,12 +178,16 @@ def test_labelled_pairs_have_hard_negatives_from_the_same_article():
 
 def test_teacher_judgment_refuses_bad_settings_before_any_request(tmp_path: Path):
     project = make_tiny_project(tmp_path, queries=2, docs=1)
-    overlap = load_config(
-        project,
-        {"distillation": {"embedding": {"teacher_judgment": {"incompatible_max_score": 4, "compatible_min_score": 4}}}},
-    )
+    # Overlapping cut-offs are refused when the config loads, before anything runs.
     with pytest.raises(ValueError, match="must be below compatible_min_score"):
-        teacher_judged_pairs(overlap, [], print)
+        load_config(
+            project,
+            {
+                "distillation": {
+                    "embedding": {"teacher_judgment": {"incompatible_max_score": 4, "compatible_min_score": 4}}
+                }
+            },
+        )
     # The active profile's embedder is the one being trained: its matches would label themselves.
     loop = load_config(project, {"model_profile": "distilled"})
     with pytest.raises(ValueError, match="is the one this asset trains"):

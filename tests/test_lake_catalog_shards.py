@@ -6,6 +6,7 @@ import pandas as pd
 from fineinstructions_core.config import load_config
 from fineinstructions_core.io.catalog import refresh_catalog, stats
 from fineinstructions_core.io.lake import Accounting, Lake
+from fineinstructions_core.registry import REGISTRY
 from fineinstructions_core.shards import get_shard, plan_all_shards, plan_shards
 
 
@@ -16,9 +17,10 @@ def test_lake_roundtrip_and_catalog(tmp_path):
     lake.write_rejections("query_set", "s1", pd.DataFrame({"query_id": ["d"], "reason": ["duplicate"]}))
     lake.write_accounting(Accounting("query_set", "s1", "queries", 3, 2, {"duplicate": 1}))
     assert not list((tmp_path / "lake" / "query_set").glob(".*tmp"))  # no temporary file left behind
-    created = refresh_catalog(tmp_path / "catalog.duckdb", tmp_path / "lake")
+    created = refresh_catalog(tmp_path / "catalog.duckdb", tmp_path / "lake", REGISTRY.names())
     assert {"query_set", "query_set_rejections", "accounting"} <= set(created)
-    assert refresh_catalog(tmp_path / "catalog.duckdb", tmp_path / "lake") == []  # nothing new: no write
+    # nothing new: no write
+    assert refresh_catalog(tmp_path / "catalog.duckdb", tmp_path / "lake", REGISTRY.names()) == []
     with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as db:
         assert db.execute("SELECT count(*) FROM query_set").fetchone()[0] == 3
         assert db.execute("SELECT reason FROM query_set_rejections").fetchall() == [("duplicate",)]

@@ -25,8 +25,8 @@ from fineinstructions_core.llm.base import GenerationResult
 from fineinstructions_core.llm.cache import RequestCache
 from fineinstructions_core.llm.local_server import serving_missing, start_server, stop_server
 from fineinstructions_core.llm.models import EMBEDDED_LLM, resolve_llm
+from fineinstructions_core.plan import run_stage
 from fineinstructions_core.shards import manifest_shard_keys
-from fineinstructions_core.stages import run_stage
 
 CACHE = Path(os.environ["FI_MODEL_CACHE"])
 

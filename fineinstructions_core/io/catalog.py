@@ -1,6 +1,7 @@
 """The DuckDB catalog: views over the Parquet lake, one per asset, its rejections, and lineage.
 
-Views read the Parquet globs at query time, so new shards appear without any DuckDB write. The file is
+Views read the Parquet globs at query time, so new shards appear without any DuckDB write. The stages
+whose views it holds are the registry's (callers pass `registry.names()`). The file is
 (re)written only when a view is missing, which the orchestration layer does in a pool of size one;
 readers open it read-only and briefly.
 """
@@ -9,23 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
-
-ASSETS = [
-    "raw_queries",
-    "query_set",
-    "template_bank",
-    "template_index",
-    "documents",
-    "document_index",
-    "template_matches",
-    "instruction_pairs",
-    "judged_corpus",
-    "training_corpus",
-]
 
 LINEAGE_SQL = """
 CREATE OR REPLACE VIEW lineage AS
@@ -49,14 +38,14 @@ def _glob(lake: Path, name: str) -> str:
     return str((lake / name / "*.parquet").resolve()).replace("'", "''")
 
 
-def _wanted_views(lake: Path) -> set[str]:
-    names = {n for a in ASSETS for n in (a, f"{a}_rejections") if any((lake / n).glob("*.parquet"))}
+def _wanted_views(lake: Path, assets: Sequence[str]) -> set[str]:
+    names = {n for a in assets for n in (a, f"{a}_rejections") if any((lake / n).glob("*.parquet"))}
     if any((lake / "_accounting").glob("*/*.json")):
         names.add("accounting")
     return names
 
 
-def refresh_catalog(catalog: Path, lake: Path) -> list[str]:
+def refresh_catalog(catalog: Path, lake: Path, assets: Sequence[str]) -> list[str]:
     """Create any missing view whose Parquet folder now has files; returns the views created.
 
     The list of views already created sits beside the catalog, so the common case (nothing new) never
@@ -65,23 +54,23 @@ def refresh_catalog(catalog: Path, lake: Path) -> list[str]:
     catalog.parent.mkdir(parents=True, exist_ok=True)
     marker = catalog.with_suffix(".views.json")
     known = set(json.loads(marker.read_text())) if marker.exists() and catalog.exists() else set()
-    if _wanted_views(lake) <= known and "lineage" in known:
+    if _wanted_views(lake, assets) <= known and "lineage" in known:
         return []
     created = []
     with open(catalog.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        created = _create_views(catalog, lake)
+        created = _create_views(catalog, lake, assets)
         with duckdb.connect(str(catalog), read_only=True) as db:
             views = [r[0] for r in db.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
         marker.write_text(json.dumps(sorted(views)))
     return created
 
 
-def _create_views(catalog: Path, lake: Path) -> list[str]:
+def _create_views(catalog: Path, lake: Path, assets: Sequence[str]) -> list[str]:
     created = []
     with duckdb.connect(str(catalog)) as db:
         existing = {r[0] for r in db.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-        for asset in ASSETS:
+        for asset in assets:
             for name in (asset, f"{asset}_rejections"):
                 if name in existing or not any((lake / name).glob("*.parquet")):
                     continue
@@ -119,8 +108,9 @@ def connect_readonly(catalog: Path) -> duckdb.DuckDBPyConnection:
     return duckdb.connect(str(catalog), read_only=True)
 
 
-def stats(accounting: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per stage: rows in, out, rejected by reason, summed over partitions, and whether it balances."""
+def stats(accounting: list[dict[str, Any]], order: Sequence[str] = ()) -> dict[str, Any]:
+    """Per stage: rows in, out, rejected by reason, summed over partitions, and whether it balances;
+    stages in `order` (the registry's) first, in that order."""
     stages: dict[str, Any] = {}
     for rec in accounting:
         s = stages.setdefault(
@@ -153,8 +143,8 @@ def stats(accounting: list[dict[str, Any]]) -> dict[str, Any]:
         s["balanced"] = s["rows_in"] == s["rows_out"] + s["rows_rejected"]
         if s["llm"] is None:
             del s["llm"]
-    order = {a: i for i, a in enumerate(ASSETS)}
-    return {k: stages[k] for k in sorted(stages, key=lambda a: order.get(a, 99))}
+    rank = {a: i for i, a in enumerate(order)}
+    return {k: stages[k] for k in sorted(stages, key=lambda a: rank.get(a, len(rank)))}
 
 
 def lineage(catalog: Path, pair_id: str) -> dict[str, Any] | None:

@@ -76,7 +76,7 @@ def read_query_source(source: QuerySource, root: Path, limit: int | None = None)
         raise FileNotFoundError(f"query source {source.name!r}: no file matches {source.path!r} under {root}")
     emitted = 0
     for path in files:
-        rel = _rel(path, root)
+        rel = relative_path(path, root)
         for item in _read_query_file(source, path, rel):
             if limit is not None and emitted >= limit:
                 return
@@ -132,7 +132,7 @@ def _query_from_obj(source: QuerySource, obj: Any, rel: str, i: int, raw: str) -
     return Record(rel, i, value)
 
 
-def _rel(path: Path, root: Path) -> str:
+def relative_path(path: Path, root: Path) -> str:
     try:
         return str(path.resolve().relative_to(root.resolve()))
     except ValueError:
@@ -149,7 +149,7 @@ def read_corpus_records(
     corpus: Corpus, path: Path, root: Path, start: int, stop: int, max_chars: int
 ) -> Iterator[Record | Rejected]:
     """Records [start, stop) of one corpus file, as documents or rejections."""
-    rel = _rel(path, root)
+    rel = relative_path(path, root)
     if not path.exists():
         for i in range(start, stop):
             yield Rejected(rel, i, "file_missing", f"{path} no longer exists", "")
