@@ -135,8 +135,23 @@ def test_sigkill_during_each_llm_stage_then_rerun_loses_nothing(tmp_path: Path, 
             "generated are reused from the request cache",
         )
     before = _cache_rows(data)
+    # a reader holds the catalog open (read-only, in another process) while the run adds views to it
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; db = duckdb.connect(sys.argv[1], read_only=True); print('open', flush=True); "
+            "time.sleep(3600)",
+            str(data / "catalog.duckdb"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert reader.stdout is not None and reader.stdout.readline().strip() == "open"
     final = Cli(project, home, "run")
-    assert final.wait() == 0, final.text()
+    rc = final.wait()
+    reader.kill()
+    assert rc == 0, final.text()
     assert "marked 1 run(s) failed whose process is gone" in final.text()
     after = _cache_rows(data)
     # no finished answer was generated again: every answer cached before the rerun is untouched
@@ -146,6 +161,40 @@ def test_sigkill_during_each_llm_stage_then_rerun_loses_nothing(tmp_path: Path, 
     again = Cli(project, home, "run")
     assert again.wait() == 0
     assert "pipeline finished: 0 runs" in again.text(), again.text()  # nothing lost, nothing stale
+    record(
+        "a run while another process holds the DuckDB catalog open read-only",
+        "the run finishes; the catalog is rebuilt into a new file and renamed over the old one",
+    )
+    # a copied, then moved data directory reads its own lake
+    copy = project.parent / "data-copy"
+    shutil.copytree(data, copy)
+    data.rename(project.parent / "data-moved")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fineinstructions_assets.cli",
+            "--config",
+            str(project),
+            "--set",
+            f"data_dir={copy}",
+            "stats",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=os.environ | {"DAGSTER_HOME": str(home)},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and json.loads(out.stdout)["all_balanced"], out.stderr
+    from fineinstructions_core.io.catalog import connect_readonly
+
+    with connect_readonly(copy / "catalog.duckdb") as db:
+        assert db.execute("SELECT count(*) FROM judged_corpus_rejections").fetchone()[0] >= 0
+    record(
+        "a copied data directory, the original moved away",
+        "the copy's catalog reads the copy's lake (views resolve relative to the catalog)",
+    )
 
 
 def test_sigkill_between_writing_and_renaming_a_lake_file(tmp_path: Path, home: Path):
