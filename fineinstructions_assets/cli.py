@@ -61,16 +61,51 @@ def _active_accounting(cfg) -> list[dict[str, Any]]:
     return [rec for rec in Lake(cfg.lake_dir).all_accounting() if rec["partition"] in keys]
 
 
+def _blocked(
+    failed: dict[str, set[str]], selection: list[str], partition: str, sources: list[str], shards: list[str]
+) -> list[str]:
+    """The stages of a planned run that read a partition that failed (or was skipped) earlier in this
+    pass; they are left out, and recorded as failed for what reads them in turn."""
+    from fineinstructions_core.plan import input_partitions
+
+    blocked = []
+    for name in selection:
+        spec = REGISTRY[name]
+        for up in spec.upstream + spec.reads:
+            reads = input_partitions(spec, REGISTRY[up], partition, sources, shards)
+            if up in blocked or set(reads) & failed.get(up, set()):
+                blocked.append(name)
+                break
+    for name in blocked:
+        failed.setdefault(name, set()).add(partition)
+    return blocked
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dagster import AssetKey, materialize
+
+    from fineinstructions_core.preflight import preflight
 
     from .assets import ALL_ASSETS
     from .partitions import active_partitions, register_partitions
     from .resources import FineInstructionsResource
+    from .runs import PoolTimeout, process_tags, reap_dead_runs, wait_for_pools
 
     overrides = _overrides(args.set)
     cfg = load_config(args.config, overrides)
+    problems = preflight(cfg, include_distillation=args.distillation)
+    if problems:
+        print("error: the run cannot start:\n  " + "\n  ".join(map(str, problems)), file=sys.stderr)
+        return 2
     instance = _instance(cfg.root)
+    reaped = reap_dead_runs(instance)
+    if reaped:
+        print(
+            f"marked {len(reaped)} run(s) failed whose process is gone ({', '.join(r[:8] for r in reaped)}) "
+            "and freed their concurrency slots",
+            flush=True,
+        )
+    _stop_cleanly_on_signals(instance)
     added = register_partitions(cfg, instance)
     sources, shards = active_partitions(cfg, instance)
     print(
@@ -84,12 +119,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     runs = 0
+    failed: dict[str, set[str]] = {}
+    failures: list[str] = []
 
     def launch(selection: list[str], partition: str | None) -> None:
         nonlocal runs
-        label = f"{', '.join(selection)}" + (f" [{partition}]" if partition else "")
+        key = partition or UNPARTITIONED
+        blocked = _blocked(failed, selection, key, sources, shards)
+        where = f" [{partition}]" if partition else ""
+        if blocked:
+            failures.append(f"skipped {', '.join(blocked)}{where}: an input failed")
+            print(f"skipping {', '.join(blocked)}{where}: an input failed", flush=True)
+            selection = [s for s in selection if s not in blocked]
+            if not selection:
+                return
+        label = f"{', '.join(selection)}{where}"
         print(f"materializing {label}", flush=True)
         t = time.perf_counter()
+        pools = sorted({REGISTRY[s].pool for s in selection if REGISTRY[s].pool})
+        try:
+            wait_for_pools(instance, pools, args.pool_timeout, lambda m: print(m, flush=True))
+        except PoolTimeout as exc:
+            failures.append(f"{label}: {exc}")
+            print(f"  not started: {exc}", flush=True)
+            for s in selection:
+                failed.setdefault(s, set()).add(key)
+            return
         result = materialize(
             ALL_ASSETS,
             selection=[AssetKey(a) for a in selection],
@@ -97,14 +152,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             instance=instance,
             resources={"fi": resource},
             raise_on_error=False,
+            tags=process_tags(),
             run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
         )
         runs += 1
         if not result.success:
-            raise SystemExit(
-                f"run {result.run_id} failed for {label}; see the Dagster UI or "
-                f"`dagster run logs` under {os.environ['DAGSTER_HOME']}"
+            done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+            lost = [s for s in selection if s not in done]
+            for s in lost:
+                failed.setdefault(s, set()).add(key)
+            failures.append(f"run {result.run_id[:8]} failed for {label} (not materialized: {', '.join(lost)})")
+            print(
+                f"  FAILED in {time.perf_counter() - t:.1f}s (run {result.run_id}); see the Dagster UI or "
+                f"`dagster run logs` under {os.environ['DAGSTER_HOME']}; continuing with what does not depend on it",
+                flush=True,
             )
+            return
         print(f"  done in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})", flush=True)
 
     for stages, partition in runs_to_do(cfg, sources, shards, include_on_demand=args.distillation, force=args.all):
@@ -112,13 +175,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     refresh_catalog(cfg.catalog_path, cfg.lake_dir, REGISTRY.names())
     summary = stats(_active_accounting(cfg), REGISTRY.names())
-    print(f"pipeline finished: {runs} runs in {elapsed:.1f}s; catalog at {cfg.catalog_path}")
+    outcome = "finished" if not failures else f"finished with {len(failures)} failure(s)"
+    print(f"pipeline {outcome}: {runs} runs in {elapsed:.1f}s; catalog at {cfg.catalog_path}")
     for name, s in summary.items():
         rej = ", ".join(f"{k}={v}" for k, v in s["rejected_by_reason"].items()) or "-"
         print(f"  {name:18s} in={s['rows_in']:<5d} out={s['rows_out']:<5d} rejected={s['rows_rejected']:<5d} [{rej}]")
     if args.timing_file:
         Path(args.timing_file).write_text(json.dumps({"pipeline_seconds": round(elapsed, 2), "runs": runs}))
+    if failures:
+        print("failures:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
     return 0
+
+
+def _stop_cleanly_on_signals(instance) -> None:
+    """SIGTERM or SIGINT: mark this process's unfinished runs failed and free their slots, then exit."""
+    import signal
+
+    from .runs import reap_dead_runs
+
+    def stop(signum: int, frame: object) -> None:
+        reaped = reap_dead_runs(instance, only_pid=os.getpid())
+        print(
+            f"stopped by signal {signum}: marked {len(reaped)} run(s) failed and freed their concurrency slots",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -309,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         help="then the distillation loop: silver examples, student models, the fine-tuned matching embedder",
     )
     p.add_argument("--log-level", default="INFO", help="Dagster console log level (default INFO: progress)")
+    p.add_argument(
+        "--pool-timeout",
+        type=float,
+        default=float(os.environ.get("FI_POOL_TIMEOUT", 3600)),
+        metavar="SECONDS",
+        help="give up on a run whose concurrency pool stays held by another live run this long (default 3600)",
+    )
     p.set_defaults(func=cmd_run)
     sub.add_parser("register", help="register query sources and corpus shards as Dagster partitions").set_defaults(
         func=cmd_register

@@ -26,6 +26,8 @@ import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass as settings
 
+from .llm.models import EMBEDDED_EMBEDDER, EMBEDDED_LLM
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_NAME = "fineinstructions.yaml"
@@ -57,8 +59,6 @@ PROMPT_FORMATS = {
     "judge": ("flow_judge",),
 }
 LLM_STAGES = tuple(PROMPT_FORMATS)
-EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
-EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 CALIBRATED_THRESHOLD_FILE = "matching_threshold.json"
 
 

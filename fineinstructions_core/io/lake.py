@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,11 +118,22 @@ def _atomic_parquet(path: Path, df: pd.DataFrame, schema: pa.Schema | None) -> P
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        _fault_point(path, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _fault_point(path: Path, tmp: str) -> None:
+    """Fault-suite hook: with FI_FAULT_PAUSE_BEFORE_RENAME=<asset folder>, stop between writing a file of
+    that folder and renaming it into place (signalled by `<tmp>.paused`), so a test can kill the
+    process at the worst moment. Unset, it costs one dictionary lookup."""
+    folder = os.environ.get("FI_FAULT_PAUSE_BEFORE_RENAME")
+    if folder and path.parent.name == folder:
+        Path(f"{tmp}.paused").touch()
+        time.sleep(3600)
 
 
 def rejection_counts(rejections: pd.DataFrame) -> dict[str, int]:
