@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .embed import gaussian_weights
+from .io.files import honour_umask
 
 log = logging.getLogger(__name__)
 Logger = Callable[[str], None]
@@ -71,6 +72,7 @@ def _save_model_dir(model: Any, tokenizer: Any, target: Path, extra_files: Seque
                 shutil.copy(f, tmp / f.name)
         if target.exists():
             shutil.rmtree(target)
+        honour_umask(tmp, directory=True)  # mkdtemp made it 0700
         os.replace(tmp, target)
     finally:
         if tmp.exists():
