@@ -7,15 +7,16 @@ defences, each tested:
 
 - `neutralize`: every piece of protocol markup in untrusted text is disarmed before the text enters a
   prompt, one character for one character (`<` -> `‹`, `>` -> `›`, `Answer:` -> `Answer꞉` at a line
-  start, `#` -> `＃` before a judge section name), so the text keeps its length and every offset into it
-  stays valid. The instantiator reads its window through it; the excerpt-copy grammar copies the
-  original window and refuses to copy markup at all (`llm/constraints.py`).
+  start, `#` -> `＃` in a line that is one of the judges' section headings), so the text keeps its length
+  and every offset into it stays valid. The instantiator reads its window through it; the excerpt-copy
+  grammar copies the original window and refuses to copy markup at all (`llm/constraints.py`).
 - `find_markup`: an answer or instruction that still holds protocol markup (raw or neutralized) after
   expansion is rejected as `protocol_tag_in_answer`; it is a protocol leak, not content.
 - `judge_view`: what a judge reads of untrusted text: markup and instruction-like injections
   (`find_injection`) removed, the rest neutralized. Text without them reaches the judge unchanged, and
-  the same text with an injection line added reaches it byte for byte the same, so an injection cannot
-  move a score; the judge stage also rejects such pairs (`prompt_injection`).
+  the same text with an injection added as a line of its own or as a last sentence reaches it byte for
+  byte the same, so such an injection cannot move a score; the judge stage also rejects pairs that carry
+  one (`prompt_injection`).
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ TAG_NAMES = (
     "evaluation_criteria",
     "scoring_rubric",
 )
-SECTION_NAMES = (
-    "goal",
-    "input",
-    "output",
-    "evaluation criteria and scoring rubric",
-    "instructions for the evaluation",
+# The judges' own section headings, exactly as their prompts write them (a document's "## Output" is not one).
+SECTION_HEADINGS = (
+    "GOAL",
+    "INPUT",
+    "OUTPUT",
+    "EVALUATION CRITERIA AND SCORING RUBRIC",
+    "INSTRUCTIONS FOR THE EVALUATION",
 )
 LT, GT = "\u2039", "\u203a"  # ‹ ›: what `<` and `>` of protocol markup become
 COLON = "\ua789"  # ꞉ modifier letter colon
@@ -51,20 +53,22 @@ _NAMES = "|".join(sorted(TAG_NAMES, key=len, reverse=True))
 
 def _markup(o: str, c: str) -> re.Pattern[str]:
     return re.compile(
-        rf"{o}\s*/?\s*(?:{_NAMES})\s*/?\s*{c}"  # <excerpt> </fi> <score/>
+        rf"{o}\s*/?\s*(?i:{_NAMES})\s*/?\s*{c}"  # <excerpt> </fi> <Score/>
         rf"|{o}\.\.\.{c}"  # the excerpt ellipsis <...>
         rf"|{o}\|[^|\n<>{LT}{GT}]{{1,40}}\|{c}"  # chat-template tokens <|im_end|>
-        rf"|{o}{{3}}|{c}{{3}}",  # the instantiator's <<< >>> fences
-        re.IGNORECASE,
+        # The instantiator's fences: `<<<Compatible Document:` and a `>>>` alone on its line (a shell's
+        # `cat <<< word` and a Python prompt `>>> x = 1` are not fences).
+        rf"|{o}{{3}}(?=[ \t]*(?i:instruction template|compatible document)[ \t]*:)"
+        rf"|^[ \t]*{c}{{3}}[ \t]*$",
+        re.MULTILINE,
     )
 
 
 _RAW = _markup("<", ">")
 _ANY = _markup(_O, _C)
-_SECTION = re.compile(rf"^[ \t]*(#+)[ \t]*(?:{'|'.join(SECTION_NAMES)})\b", re.IGNORECASE | re.MULTILINE)
-_SECTION_ANY = re.compile(
-    rf"^[ \t]*[#{HASH}]+[ \t]*(?:{'|'.join(SECTION_NAMES)})\b[^\n]*", re.IGNORECASE | re.MULTILINE
-)
+_HEADINGS = "|".join(SECTION_HEADINGS)
+_SECTION = re.compile(rf"^[ \t]*(#)[ \t]*(?:{_HEADINGS})[ \t]*$", re.MULTILINE)
+_SECTION_ANY = re.compile(rf"^[ \t]*[#{HASH}][ \t]*(?:{_HEADINGS})[ \t]*$", re.MULTILINE)
 _LINE_MARKER = re.compile(r"^[ \t]*(?:instruction|answer)[ \t]*(:)", re.IGNORECASE | re.MULTILINE)
 _LINE_MARKER_ANY = re.compile(rf"^[ \t]*(?:instruction|answer)[ \t]*[:{COLON}]", re.IGNORECASE | re.MULTILINE)
 
@@ -106,7 +110,7 @@ def neutralize(text: str) -> str:
                 swaps.append((i, LT))
             elif text[i] == ">":
                 swaps.append((i, GT))
-    swaps += [(i, HASH) for m in _SECTION.finditer(text) for i in range(m.start(1), m.end(1))]
+    swaps += [(m.start(1), HASH) for m in _SECTION.finditer(text)]
     swaps += [(m.start(1), COLON) for m in _LINE_MARKER.finditer(text)]
     return _swap(text, swaps)
 
