@@ -182,3 +182,27 @@ def test_lake_files_get_the_umask_mode(tmp_path):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_index_manifest_and_model_folders_get_the_umask_mode(tiny_project, tmp_path):
+    import numpy as np
+
+    from fineinstructions_core.index import build_index_from_batches, save_index
+    from fineinstructions_core.training import _save_model_dir
+
+    class Saves:
+        def save_pretrained(self, folder):
+            (Path(folder) / f"{type(self).__name__}.json").write_text("{}")
+
+    old = os.umask(0o002)
+    try:
+        cfg = load_config(tiny_project)
+        plan_all_shards(cfg)
+        manifest = cfg.data_dir / "shards" / "debian.json"
+        index = build_index_from_batches(iter([np.eye(4, dtype=np.float32)]), 4, 4, 100, None, 1)
+        faiss_file = save_index(index, tmp_path / "index" / "index.faiss")
+        _save_model_dir(Saves(), Saves(), tmp_path / "out" / "model")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (manifest, faiss_file, tmp_path / "out" / "model")}
+    finally:
+        os.umask(old)
+    assert modes == {"debian.json": 0o664, "index.faiss": 0o664, "model": 0o775}
