@@ -1,14 +1,17 @@
 """The paper's labels for the matching embedding: a model judges whether a document is compatible with
 a template, in Flow Judge's format with its own criteria, and the 1..5 score becomes a 1/0 label.
 
-Kept apart from the answer judge, so editing one prompt never makes the other's outputs stale.
+Kept apart from the answer judge, so editing one prompt never makes the other's outputs stale. The
+document is untrusted text and is read through `fencing.judge_view`, like the answer judge's inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 
+from . import fencing
 from .judge import flow_judge_request
 from .llm.base import GenerationRequest
 
@@ -67,7 +70,9 @@ def build_request(
 ) -> GenerationRequest:
     """Is `document` a source for `template`? Scored 1..5 like an answer (`judge.parse_output` reads it)."""
     return flow_judge_request(
-        COMPATIBILITY_PROMPT.format(template=template, document=document, rubric=COMPATIBILITY_RUBRIC),
+        COMPATIBILITY_PROMPT.format(
+            template=template, document=fencing.judge_view(document), rubric=COMPATIBILITY_RUBRIC
+        ),
         model,
         max_new_tokens,
         constrain,
@@ -90,4 +95,5 @@ def label(score: int, compatible_min: int = 4, incompatible_max: int = 2) -> flo
 
 def prompt_fingerprint() -> str:
     """Hash of the prompt text as loaded, so an edited or patched prompt makes the labels stale."""
-    return hashlib.sha256(json.dumps([COMPATIBILITY_PROMPT, COMPATIBILITY_RUBRIC]).encode()).hexdigest()[:16]
+    parts = [COMPATIBILITY_PROMPT, COMPATIBILITY_RUBRIC, inspect.getsource(fencing)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

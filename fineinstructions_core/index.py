@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .io.files import honour_umask
+
 log = logging.getLogger(__name__)
 
 EXACT_FACTORY = "Flat"
@@ -321,6 +323,7 @@ def save_index(index, path: Path) -> Path:
     os.close(fd)
     try:
         faiss.write_index(index, tmp)
+        honour_umask(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

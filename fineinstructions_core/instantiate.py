@@ -3,18 +3,26 @@
 The instantiator reads the window of the document around the chunk that retrieved the template (a long
 book never fits a small model's context), writes its answer with `<excerpt>` tags, and the excerpts are
 expanded against the whole document with character offsets kept. Every match gets a row and a status.
+
+The window is untrusted text: the prompt shows it through `fencing.neutralize` (protocol markup in it
+disarmed character for character, so offsets hold), the excerpt-copy grammar copies the original window
+but never its markup, and an output that still carries protocol markup in its instruction or its
+expanded answer (or an `Instruction:` / `Answer:` line in its free text) is rejected as
+`protocol_tag_in_answer`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from dataclasses import dataclass
 
 import pandas as pd
 
-from .excerpts import ExcerptError, Expansion, expand_answer
+from . import fencing
+from .excerpts import EXCERPT, ExcerptError, Expansion, expand_answer
 from .ids import content_id
 from .llm.base import ChatMessage, GenerationRequest, GenerationResult
 from .templates import TAG
@@ -82,6 +90,11 @@ def _user_turn(template: str, document: str) -> str:
     return f"<<<Instruction Template:\n{template}\n>>>\n\n<<<Compatible Document:\n{document}\n>>>"
 
 
+def _window_turn(template: str, window: str) -> str:
+    """The user turn for an untrusted window: its protocol markup disarmed (same length, same offsets)."""
+    return _user_turn(template, fencing.neutralize(window))
+
+
 def build_request(
     template: str,
     window: str,
@@ -100,7 +113,7 @@ def build_request(
     if prompt_format == "fineinstructions":
         return GenerationRequest(
             model=model,
-            messages=(ChatMessage("user", _user_turn(template, window)),),
+            messages=(ChatMessage("user", _window_turn(template, window)),),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             stop=("<<<",),
@@ -113,7 +126,7 @@ def build_request(
     for t, d, a in FEW_SHOT:
         messages.append(ChatMessage("user", _user_turn(t, d)))
         messages.append(ChatMessage("assistant", a))
-    messages.append(ChatMessage("user", _user_turn(template, window)))
+    messages.append(ChatMessage("user", _window_turn(template, window)))
     return GenerationRequest(
         model=model,
         messages=tuple(messages),
@@ -206,14 +219,22 @@ def check_instantiation(
         return InstantiationCheck(parsed)
     if "<fi>" in parsed.instruction or "</fi>" in parsed.instruction:
         return InstantiationCheck("unfilled_template", parsed.instruction, parsed)
+    if tag := fencing.find_markup(parsed.instruction, line_markers=True):
+        return InstantiationCheck("protocol_tag_in_answer", f"instruction: {tag}", parsed)
     if not template_followed(template, parsed.instruction):
         return InstantiationCheck("template_not_followed", parsed.instruction, parsed)
     if _REFERS.search(parsed.instruction):
         return InstantiationCheck("refers_to_document", parsed.instruction, parsed)
+    # Free text (outside the excerpts) never carries markup or the output format's own line markers.
+    free = EXCERPT.sub(" ", parsed.answer).replace("<excerpt>", " ").replace("</excerpt>", " ")
+    if tag := fencing.find_markup(free, line_markers=True) or fencing.find_disarmed(parsed.answer):
+        return InstantiationCheck("protocol_tag_in_answer", f"answer: {tag}", parsed)
     try:
         exp = expand_answer(parsed.answer, document, prefer=prefer, max_span_chars=max_span_chars)
     except ExcerptError as err:
         return InstantiationCheck(err.reason, err.detail, parsed)
+    if tag := fencing.find_markup(exp.text):
+        return InstantiationCheck("protocol_tag_in_answer", f"answer: {tag}", parsed, exp)
     if not exp.spans:
         return InstantiationCheck("no_excerpt", "", parsed, exp)
     if len(exp.text.split()) < min_answer_words:
@@ -276,4 +297,4 @@ def instantiate_results(
 
 def prompt_fingerprint() -> str:
     """Hash of the prompt text as loaded, so an edited or patched prompt makes this stage stale."""
-    return hashlib.sha256(json.dumps([SYSTEM, FEW_SHOT]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([SYSTEM, FEW_SHOT, inspect.getsource(fencing)]).encode()).hexdigest()[:16]

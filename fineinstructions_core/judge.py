@@ -1,13 +1,20 @@
-"""Stage 5, the judge: Flow Judge's prompt format with the paper's 1..5 rubric; keep scores >= 4."""
+"""Stage 5, the judge: Flow Judge's prompt format with the paper's 1..5 rubric; keep scores >= 4.
+
+The instruction and the answer are untrusted (they quote documents): the judge reads them through
+`fencing.judge_view`, so markup and instructions inside them can neither close the prompt's sections nor
+move the score, and a pair that carries an injection is rejected (`prompt_injection`) whatever its score.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 
 import pandas as pd
 
+from . import fencing
 from .llm.base import ChatMessage, GenerationRequest, GenerationResult
 
 RUBRIC = """- Score 1: The answer is irrelevant or off-topic: it does not respond to the instruction.
@@ -65,9 +72,10 @@ def build_request(
     constrain: bool = True,
     prompt_format: str = "flow_judge",
 ) -> GenerationRequest:
-    """Flow Judge's own format, for Flow Judge itself and for any stand-in judge."""
+    """Flow Judge's own format, for Flow Judge itself and for any stand-in judge; the pair's text is
+    fenced (`fencing.judge_view`)."""
     return flow_judge_request(
-        PROMPT.format(instruction=instruction, answer=answer, rubric=RUBRIC),
+        PROMPT.format(instruction=fencing.judge_view(instruction), answer=fencing.judge_view(answer), rubric=RUBRIC),
         model,
         max_new_tokens,
         constrain,
@@ -117,7 +125,15 @@ def judge_results(
             )
             continue
         score, feedback = parsed
-        if score >= min_score:
+        injection = fencing.find_injection(str(row.get("instruction") or "")) or fencing.find_injection(
+            str(row.get("answer") or "")
+        )
+        if injection:
+            # Scored on the text without it (the score is kept for inspection), never accepted.
+            rejected.append(
+                row | {"score": score, "feedback": feedback, "reason": "prompt_injection", "detail": injection}
+            )
+        elif score >= min_score:
             kept.append(row | {"score": score, "feedback": feedback, "accepted": True})
         else:
             rejected.append(
@@ -133,4 +149,4 @@ def judge_results(
 
 def prompt_fingerprint() -> str:
     """Hash of the prompt text as loaded, so an edited or patched prompt makes this stage stale."""
-    return hashlib.sha256(json.dumps([PROMPT, RUBRIC]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([PROMPT, RUBRIC, inspect.getsource(fencing)]).encode()).hexdigest()[:16]

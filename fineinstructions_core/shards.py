@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, Corpus
+from .io.files import honour_umask
 from .io.readers import count_corpus_records, relative_path
 
 
@@ -63,6 +64,7 @@ def _save_manifest(cfg: Config, corpus: str, manifest: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
+    honour_umask(tmp, directory=False)
     os.replace(tmp, path)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .embed import gaussian_weights
+from .io.files import honour_umask
 
 log = logging.getLogger(__name__)
 Logger = Callable[[str], None]
@@ -71,6 +72,7 @@ def _save_model_dir(model: Any, tokenizer: Any, target: Path, extra_files: Seque
                 shutil.copy(f, tmp / f.name)
         if target.exists():
             shutil.rmtree(target)
+        honour_umask(tmp, directory=True)  # mkdtemp made it 0700
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -78,17 +80,28 @@ def _save_model_dir(model: Any, tokenizer: Any, target: Path, extra_files: Seque
 
 
 class _Checkpoint:
+    """Training state between runs, as tensors and plain types only: it is read back with
+    `torch.load(weights_only=True)`, which never runs code from a file in the data directory. RNG
+    states are saved as the tensors torch gives them."""
+
     def __init__(self, out_dir: Path, fingerprint: str):
         self.path = out_dir / "checkpoint.pt"
         self.fingerprint = fingerprint
 
     def load(self) -> dict[str, Any] | None:
+        import pickle
+
         import torch
 
         if not self.path.exists():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        return state if state.get("fingerprint") == self.fingerprint else None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+            # Not a checkpoint this code wrote (or a damaged one): start over rather than trust it.
+            log.warning("ignoring the checkpoint %s, which cannot be read safely: %s", self.path, exc)
+            return None
+        return state if isinstance(state, dict) and state.get("fingerprint") == self.fingerprint else None
 
     def save(self, model: Any, optimizer: Any, step: int, report: TrainReport) -> None:
         import torch
@@ -102,6 +115,10 @@ class _Checkpoint:
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "report": report.as_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
             },
             tmp,
         )
@@ -109,6 +126,16 @@ class _Checkpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    import torch
+
+    rng = state.get("rng") or {}
+    if rng.get("torch") is not None:
+        torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
@@ -146,6 +173,7 @@ def _optimize(
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        _restore_rng(state)
         step = report.resumed_from_step = int(state["step"])
         report.losses = [tuple(x) for x in state["report"]["losses"]]
         report.eval_losses = [tuple(x) for x in state["report"]["eval_losses"]]

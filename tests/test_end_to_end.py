@@ -7,7 +7,6 @@ file materializes only its new shard and what depends on it.
 import json
 from pathlib import Path
 
-import duckdb
 from dagster import DagsterInstance, materialize
 
 from fineinstructions_assets.assets import matching_embedding
@@ -15,6 +14,7 @@ from fineinstructions_assets.cli import main
 from fineinstructions_assets.resources import FineInstructionsResource
 from fineinstructions_core import judge
 from fineinstructions_core.config import load_config
+from fineinstructions_core.io.catalog import connect_readonly
 from fineinstructions_core.io.lake import Lake
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +72,9 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
     lineage = json.loads(_run(capsys, *cfg_arg, "lineage", pair_id))
     assert lineage["pair_id"] == pair_id and lineage["source"] in {"nq", "wf"}
     assert lineage["query"] and lineage["template"] and lineage["document_id"] == pairs["document_id"].iloc[0]
-    with duckdb.connect(str(cfg.catalog_path), read_only=True) as db:
+    with connect_readonly(cfg.catalog_path) as db:
         views = {r[0] for r in db.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+        assert db.execute("SELECT count(*) FROM lineage").fetchone()[0] == len(pairs)
     assert {"judged_corpus", "instruction_pairs_rejections", "lineage", "accounting"} <= views
     assert (cfg.data_dir / "exports" / "training_corpus.jsonl").exists()
 

@@ -93,3 +93,39 @@ def test_corpus_reader_rejects_empty_oversized_and_undecodable(tmp_path: Path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1 text")
     items = list(read_corpus_records(Corpus("b", "*.txt", "text"), tmp_path / "bad.txt", tmp_path, 0, 1, 100))
     assert items[0].reason == "invalid_utf8"
+
+
+def test_compression_is_recognised_by_its_magic_bytes(tmp_path: Path):
+    import bz2
+    import lzma
+
+    body = b'{"question": "first one"}\n{"question": "second one"}\n'
+    src = QuerySource("a", "a.jsonl", "jsonl", text_field="question")
+    for compress in (gzip.compress, bz2.compress, lzma.compress):
+        (tmp_path / "a.jsonl").write_bytes(compress(body))
+        assert [i.text for i in read_query_source(src, tmp_path)] == ["first one", "second one"]
+    (tmp_path / "a.jsonl").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(16))
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        (item,) = read_query_source(src, tmp_path)
+        assert item.reason == "unsupported_compression" and "zstd" in item.detail
+    # Not gzip at all, though named .gz: read as the plain text it is.
+    (tmp_path / "p.tsv.gz").write_bytes(b"1\tplain after all\n")
+    items = list(read_query_source(QuerySource("t", "p.tsv.gz", "tsv.gz", text_column=1), tmp_path))
+    assert [i.text for i in items] == ["plain after all"]
+    # A corrupted (not cut) stream keeps what decompressed and names the damage.
+    gz = bytearray(gzip.compress(b"".join(b'{"question": "q%d"}\n' % i for i in range(2000))))
+    gz[len(gz) // 2 : len(gz) // 2 + 40] = bytes(40)
+    (tmp_path / "a.jsonl").write_bytes(bytes(gz))
+    items = list(read_query_source(src, tmp_path))
+    assert items[-1].reason in {"corrupt_file", "truncated_file"} and "a.jsonl (gzip)" in items[-1].detail
+    assert all(isinstance(i, Record) for i in items[:-1])
+    # Whole-file formats: a compressed text document, a cut JSON array.
+    (tmp_path / "book.txt").write_bytes(gzip.compress(b"Chapter one.\n"))
+    (doc,) = read_corpus_records(Corpus("b", "*.txt", "text"), tmp_path / "book.txt", tmp_path, 0, 1, 100)
+    assert doc.text == "Chapter one.\n"
+    packed = gzip.compress(json.dumps([{"q": f"x{i}"} for i in range(500)]).encode())
+    (tmp_path / "arr.json").write_bytes(packed[: len(packed) // 2])
+    (item,) = read_query_source(QuerySource("j", "arr.json", "json", text_field="q"), tmp_path)
+    assert item.reason == "truncated_file"

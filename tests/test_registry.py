@@ -12,7 +12,6 @@ import textwrap
 from dataclasses import replace
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 import pytest
 from conftest import ROOT
@@ -22,7 +21,7 @@ from fineinstructions_assets.definitions import build_definitions
 from fineinstructions_assets.partitions import active_partitions, register_partitions
 from fineinstructions_assets.resources import FineInstructionsResource
 from fineinstructions_core.config import load_config
-from fineinstructions_core.io.catalog import refresh_catalog, stats
+from fineinstructions_core.io.catalog import connect_readonly, refresh_catalog, stats
 from fineinstructions_core.io.lake import Lake
 from fineinstructions_core.plan import is_fresh, run_stage, runs_to_do, signature
 from fineinstructions_core.registry import REGISTRY, Contract, Partitioning, Registry, RegistryError, StageSpec
@@ -113,7 +112,7 @@ def test_an_extra_stage_appears_in_graph_jobs_plan_signatures_and_catalog(tiny_p
     assert signature(cfg, "document_lengths", shard, sources, shards, registry) != sig
 
     refresh_catalog(cfg.catalog_path, cfg.lake_dir, registry.names())
-    with duckdb.connect(str(cfg.catalog_path), read_only=True) as db:
+    with connect_readonly(cfg.catalog_path) as db:
         assert db.execute("SELECT count(*) FROM document_lengths").fetchone()[0] == 2
     assert "document_lengths" in stats(Lake(cfg.lake_dir).all_accounting(), registry.names())
 

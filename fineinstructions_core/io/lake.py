@@ -1,7 +1,8 @@
 """The Parquet lake: one file per (asset, partition), written atomically.
 
 A rerun replaces exactly its partition and a crash never leaves a half-written file, because every
-file is written under a temporary name and renamed into place. Each stage also writes its rejections
+file is written under a temporary name and renamed into place (with the mode the umask gives a normal
+file, not the temporary file's 0600, so a data directory can be shared). Each stage also writes its rejections
 (every rejected row with its reason) and an accounting record (rows in = rows out + rows rejected).
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .files import honour_umask
 
 UNPARTITIONED = "all"
 
@@ -78,9 +81,14 @@ class Lake:
         path.parent.mkdir(parents=True, exist_ok=True)
         record = asdict(acc) | {"rows_rejected": acc.rows_rejected, "balanced": acc.balanced}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1, sort_keys=True)
+            honour_umask(tmp, directory=False)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return path
 
     def read(self, asset: str, partition: str = UNPARTITIONED) -> pd.DataFrame:
@@ -118,6 +126,7 @@ def _atomic_parquet(path: Path, df: pd.DataFrame, schema: pa.Schema | None) -> P
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        honour_umask(tmp, directory=False)  # mkstemp made it 0600; a shared data dir needs the umask's mode
         _fault_point(path, tmp)
         os.replace(tmp, path)
     finally:

@@ -3,6 +3,9 @@
 `ExcerptCopy`: inside `<excerpt>...</excerpt>` the only tokens allowed are those that continue a
 verbatim copy of the source document's token sequence, or that start the closing tag. The grounding
 rule is then met by construction instead of hoped for; the excerpt expander still verifies every span.
+Protocol markup inside the source (`</excerpt>`, `<fi>`, `<score>`, `<...>`, `<|im_end|>`, see
+`fencing.py`) is never copied: a copy that reaches it can only close, so a document cannot end an
+excerpt early and turn its own text into free answer text.
 
 `ScoreChoice`: once the judge closes `</feedback>`, it must write `<score>N</score>` with N one of the
 options, so an answer always carries a parseable score.
@@ -17,6 +20,8 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+from ..fencing import markup_spans
 
 
 class TokenizerLike(Protocol):
@@ -66,13 +71,15 @@ class ExcerptCopy:
     ):
         self.tok = tokenizer
         self.eos_id = eos_id
-        self.source_ids = tokenizer.encode(source, add_special_tokens=False)
+        self.source_ids = _source_ids(tokenizer, source)
         self.close_ids = tokenizer.encode(self.CLOSE, add_special_tokens=False)
         self.max_excerpt_tokens = max_excerpt_tokens
         self.max_instruction_tokens = max_instruction_tokens
         # An excerpt may start on a word without its leading space: map the spaceless variant too.
         self.starts: dict[int, list[int]] = defaultdict(list)
         for i, t in enumerate(self.source_ids):
+            if t == BLOCKED:
+                continue
             self.starts[t].append(i)
             bare = self._spaceless(t)
             if bare is not None and bare != t:
@@ -146,7 +153,7 @@ class ExcerptCopy:
             return None
         if self.positions is None:
             return list(self.starts)
-        nxt = {self.source_ids[p] for p in self.positions if p < len(self.source_ids)}
+        nxt = {self.source_ids[p] for p in self.positions if p < len(self.source_ids)} - {BLOCKED}
         if not nxt or self.copied >= self.max_excerpt_tokens:
             return [self.close_ids[0]]
         return list(nxt) + [self.close_ids[0]]
@@ -310,8 +317,28 @@ class ScoreChoice:
         self.after_forced = then
 
 
+BLOCKED = -1  # a source position holding protocol markup: no copy goes through it
+
 _TAG = re.compile(r"<fi>.*?</fi>", re.DOTALL)
 _NEWLINES: dict[int, list[int]] = {}
+
+
+def _source_ids(tokenizer: TokenizerLike, source: str) -> list[int]:
+    """The source's tokens, each piece of protocol markup replaced by one BLOCKED position (the text
+    between markup is tokenized on its own; a source without markup tokenizes exactly as before)."""
+    spans = markup_spans(source)
+    if not spans:
+        return tokenizer.encode(source, add_special_tokens=False)
+    ids: list[int] = []
+    pos = 0
+    for s, e in spans:
+        if s > pos:
+            ids += tokenizer.encode(source[pos:s], add_special_tokens=False)
+        ids.append(BLOCKED)
+        pos = e
+    if pos < len(source):
+        ids += tokenizer.encode(source[pos:], add_special_tokens=False)
+    return ids
 
 
 def _template_segments(template: str) -> list[tuple[str, str]]:

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..io.files import honour_umask
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
@@ -126,6 +128,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        honour_umask(tmp, directory=True)  # mkdtemp made it 0700
         try:
             os.replace(tmp, target)
         except OSError:
