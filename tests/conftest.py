@@ -20,6 +20,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FI_MODEL_CACHE", str(Path.home() / ".cache" / "fineinstructions-tests"))
 
 
+def record(fault: str, outcome: str) -> None:
+    """One row of the README's reliability table (the fault or bad input tried, and what happened),
+    appended to the file FI_FAULT_REPORT names; `scripts/reliability_report.py` prints the table."""
+    report = os.environ.get("FI_FAULT_REPORT")
+    if report:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        with open(report, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"fault": fault, "outcome": outcome}) + "\n")
+
+
 def _head_jsonl(src: Path, dst: Path, n: int) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:

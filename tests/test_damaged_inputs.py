@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import make_tiny_project
+from conftest import make_tiny_project, record
 
 from fineinstructions_core.config import load_config
 from fineinstructions_core.io.lake import Lake
@@ -52,6 +52,8 @@ class Case:
     docs: dict[str, int] = field(default_factory=dict)  # expected rejection reasons of documents
     docs_out: int = 0
 
+
+pytestmark = pytest.mark.fault
 
 CASES = [
     Case(
@@ -200,6 +202,8 @@ def test_damaged_query_files(bad_project, case):
     assert sorted([*res.output["record"], *res.rejections["record"]]) == list(range(acc["rows_in"]))
     if case.name.startswith("json_array"):
         assert set(res.rejections["detail"]) == {JSON_ARRAY_HINT}
+    reasons = ", ".join(f"{n} `{r}`" for r, n in sorted(acc["rejected"].items())) or "no rejection"
+    record(f"query file: {case.name.replace('_', ' ')}", f"{acc['rows_out']} kept, {reasons}; accounting balances")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.corpus], ids=lambda c: c.name)
@@ -225,3 +229,5 @@ def test_damaged_corpus_files(bad_project, case):
     assert records == list(range(rows_in))
     if case.name.startswith("json_array"):
         assert {d for r in results for d in r.rejections["detail"]} == {JSON_ARRAY_HINT}
+    reasons = ", ".join(f"{n} `{r}`" for r, n in sorted(rejected.items())) or "no rejection"
+    record(f"corpus file: {case.name.replace('_', ' ')}", f"{out} kept, {reasons}; accounting balances")

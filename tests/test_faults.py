@@ -20,20 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_tiny_project
+from conftest import ROOT, make_tiny_project, record
 
 pytestmark = pytest.mark.fault
-
-REPORT = Path(os.environ.get("FI_FAULT_REPORT", "")) if os.environ.get("FI_FAULT_REPORT") else None
-
-
-def record(fault: str, outcome: str) -> None:
-    """One row of the reliability table: the fault tried and what the platform did."""
-    if REPORT is not None:
-        REPORT.parent.mkdir(parents=True, exist_ok=True)
-        with open(REPORT, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"fault": fault, "outcome": outcome}) + "\n")
-
 
 class Cli:
     """One `fineinstructions run` process, its output in a file that the test can wait on."""
