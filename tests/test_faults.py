@@ -145,7 +145,7 @@ def test_sigkill_during_each_llm_stage_then_rerun_loses_nothing(tmp_path: Path, 
     after = _cache_rows(data)
     # no finished answer was generated again: every answer cached before the rerun is untouched
     assert all(after.get(k) == created for k, created in before.items())
-    assert len(after) > len(before) or "0 runs" in final.text()
+    assert set(before) <= set(after)
     assert _accounting_balanced(data)
     again = Cli(project, home, "run")
     assert again.wait() == 0
