@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import compatibility, distill, genericize, instantiate, judge
-from .config import CALIBRATED_THRESHOLD_FILE, Config, ConfigError, TrainingSettings
+from .config import CALIBRATED_THRESHOLD_FILE, Config, ConfigError, TrainingSettings, plain
 from .ids import content_id
 from .io.lake import Lake
 from .llm.base import LLMStats
@@ -219,19 +219,8 @@ def _train_result(
 
 
 def _training_args(settings: TrainingSettings, seed: int, logger: Logger) -> dict[str, Any]:
-    """A training section as the keyword arguments both trainers take."""
-    return dict(
-        epochs=settings.epochs,
-        lr=settings.lr,
-        batch_size=settings.batch_size,
-        max_tokens=settings.max_tokens,
-        eval_share=settings.eval_share,
-        seed=seed,
-        checkpoint_every=settings.checkpoint_every,
-        max_steps=settings.max_steps,
-        time_budget_s=settings.time_budget_s,
-        logger=logger,
-    )
+    """A training section as the keyword arguments both trainers take (the field names are theirs)."""
+    return plain(settings) | {"seed": seed, "logger": logger}
 
 
 def _train_student(ctx: StageContext, examples: list, settings: TrainingSettings) -> TrainReport:
