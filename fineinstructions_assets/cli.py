@@ -49,7 +49,18 @@ def _instance(cfg_root: Path):
         home = cfg_root / "dagster_home"
         home.mkdir(parents=True, exist_ok=True)
         os.environ["DAGSTER_HOME"] = str(home)
-    return DagsterInstance.get()
+    # Two processes opening a fresh instance at once would both create its SQLite schemas and stamp
+    # them twice ("more than one head"); the first creates them under this lock, the rest find them.
+    import fcntl
+
+    with open(Path(os.environ["DAGSTER_HOME"]) / ".fineinstructions-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        instance = DagsterInstance.get()
+        instance.get_runs(limit=1)
+        instance.get_dynamic_partitions("query_sources")
+        instance.event_log_storage.get_concurrency_keys()
+        instance.all_instigator_state()
+    return instance
 
 
 def _active_accounting(cfg) -> list[dict[str, Any]]:
