@@ -1,5 +1,5 @@
 """The fault suite: real `fineinstructions run` processes killed with SIGKILL mid-stage and mid-write,
-two runs at once, a held pool, a failing partition, config and input mistakes. Each case records what
+a reader holding the catalog, a copied data directory, a held pool, config and input mistakes. Each case records what
 happened in a report (`scripts/reliability_report.py` turns it into the README's table).
 
 Marked `fault`: it runs in CI with the rest, on a tiny project with the embedded models.
@@ -207,23 +207,6 @@ def test_sigkill_between_writing_and_renaming_a_lake_file(tmp_path: Path, home: 
     )
 
 
-def test_two_runs_at_once_on_one_data_directory(tmp_path: Path, home: Path):
-    project = _small_project(tmp_path)
-    data = project.parent / "data"
-    a = Cli(project, home, "run")
-    b = Cli(project, home, "run")
-    assert a.wait() == 0, a.text()
-    assert b.wait() == 0, b.text()
-    assert _accounting_balanced(data)
-    third = Cli(project, home, "run")
-    assert third.wait() == 0
-    assert "pipeline finished: 0 runs" in third.text(), third.text()
-    record(
-        "two `fineinstructions run` at once on the same data directory",
-        "both finish; LLM steps take turns through the pool of one; lake files are replaced atomically",
-    )
-
-
 def test_a_held_pool_is_named_and_given_up_on(tmp_path: Path, home: Path):
     from dagster import DagsterInstance
 
@@ -256,39 +239,6 @@ def test_a_held_pool_is_named_and_given_up_on(tmp_path: Path, home: Path):
         "a concurrency pool held by another live run",
         "the waiting run says which run holds the pool and gives up after --pool-timeout with that message; "
         "what depends on it is skipped and listed; exit 1",
-    )
-
-
-def test_one_failing_partition_does_not_stop_the_others(tmp_path: Path, home: Path):
-    project = _small_project(tmp_path)
-    cfg = yaml.safe_load(project.read_text())
-    # two files in one corpus: the second disappears after its shard was planned
-    shutil.copy(project.parent / "d" / "debian.jsonl", project.parent / "d" / "debian2.jsonl")
-    cfg["corpora"][0]["path"] = "d/debian*.jsonl"
-    cfg["corpora"][0]["shard_size"] = 1
-    project.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    reg = subprocess.run(
-        [sys.executable, "-m", "fineinstructions_assets.cli", "--config", str(project), "register"],
-        cwd=ROOT,
-        env=os.environ | {"DAGSTER_HOME": str(home)},
-        capture_output=True,
-        text=True,
-    )
-    assert reg.returncode == 0, reg.stderr
-    shards = json.loads(reg.stdout)["corpus_shards"]
-    assert len(shards) == 2
-    (project.parent / "d" / "debian2.jsonl").unlink()  # planned, then gone: its shard cannot be read
-    cli = Cli(project, home, "run")
-    rc = cli.wait()
-    assert rc == 1, cli.text()
-    text = cli.text()
-    assert "FAILED" in text and "failures:" in text
-    assert f"judged_corpus [{shards[0]}]" in text and "done in" in text  # the other shard went through
-    assert "skipping training_corpus: an input failed" in text
-    assert (project.parent / "data" / "lake" / "judged_corpus" / f"{shards[0]}.parquet").exists()
-    record(
-        "one corpus shard whose file was deleted after it was planned",
-        "that shard's run fails; every other partition still runs; the failures are listed at the end; exit 1",
     )
 
 
