@@ -1,5 +1,6 @@
 """The fault suite: real `fineinstructions run` processes killed with SIGKILL mid-stage and mid-write,
-a reader holding the catalog, a copied data directory, a held pool, config and input mistakes. Each case records what
+a reader holding the catalog, a copied data directory, two runs at once, a held pool, config and input
+mistakes. Each case records what
 happened in a report (`scripts/reliability_report.py` turns it into the README's table).
 
 Marked `fault`: it runs in CI with the rest, on a tiny project with the embedded models.
@@ -204,6 +205,23 @@ def test_sigkill_between_writing_and_renaming_a_lake_file(tmp_path: Path, home: 
     record(
         "SIGKILL between writing a lake file and renaming it into place",
         "no partial file under the real name (the temporary file is ignored); the rerun rebuilds the partition",
+    )
+
+
+def test_two_runs_at_once_on_one_data_directory(tmp_path: Path, home: Path):
+    project = _small_project(tmp_path)
+    data = project.parent / "data"
+    a = Cli(project, home, "run")
+    b = Cli(project, home, "run")
+    assert a.wait() == 0, a.text()
+    assert b.wait() == 0, b.text()
+    assert _accounting_balanced(data)
+    third = Cli(project, home, "run")
+    assert third.wait() == 0
+    assert "pipeline finished: 0 runs" in third.text(), third.text()
+    record(
+        "two `fineinstructions run` at once on the same data directory",
+        "both finish; LLM steps take turns through the pool of one; lake files are replaced atomically",
     )
 
 
