@@ -72,6 +72,19 @@ def _active_accounting(cfg) -> list[dict[str, Any]]:
     return [rec for rec in Lake(cfg.lake_dir).all_accounting() if rec["partition"] in keys]
 
 
+def _failure_reason(result: Any) -> str:
+    """The innermost error of a failed run's first failed step: the stage's own message, not Dagster's
+    wrapper around it."""
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None:
+            lines = error.message.strip().splitlines()
+            return lines[0] if lines else str(error.cls_name)
+    return "no step failed (see the run's log)"
+
+
 def _blocked(
     failed: dict[str, set[str]], selection: list[str], partition: str, sources: list[str], shards: list[str]
 ) -> list[str]:
@@ -172,7 +185,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             lost = [s for s in selection if s not in done]
             for s in lost:
                 failed.setdefault(s, set()).add(key)
-            failures.append(f"run {result.run_id[:8]} failed for {label} (not materialized: {', '.join(lost)})")
+            failures.append(
+                f"run {result.run_id[:8]} failed for {label} (not materialized: {', '.join(lost)}): "
+                f"{_failure_reason(result)}"
+            )
             print(
                 f"  FAILED in {time.perf_counter() - t:.1f}s (run {result.run_id}); see the Dagster UI or "
                 f"`dagster run logs` under {os.environ['DAGSTER_HOME']}; continuing with what does not depend on it",

@@ -224,6 +224,27 @@ def test_two_runs_at_once_on_one_data_directory(tmp_path: Path, home: Path):
         "both finish; LLM steps take turns through the pool of one; lake files are replaced atomically",
     )
 
+    # one partition genuinely fails: its upstream lake file is damaged on disk, and a changed filter makes
+    # both sources' query_set rerun; the other source's partitions still run, the failure is listed, exit 1
+    damaged = data / "lake" / "raw_queries" / "wf.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    nq_before = (data / "lake" / "query_set" / "nq.parquet").stat().st_mtime_ns
+    broken = Cli(project, home, "--set", "query_filters.min_chars=9", "run")
+    assert broken.wait() == 1, broken.text()
+    text = broken.text()
+    assert re.search(r"failures:\n.*query_set, template_bank \[wf\].*raw_queries\[wf\] is damaged: \S*wf\.parquet", text), text
+    assert "skipping template_index: an input failed" in text, text
+    assert (data / "lake" / "query_set" / "nq.parquet").stat().st_mtime_ns > nq_before  # the healthy source ran
+    record(
+        "a stage fails for one partition (its upstream lake file damaged on disk)",
+        "the other partitions still run; what reads the failed one is skipped; the failures are listed "
+        "with the damaged file named, exit 1",
+    )
+    damaged.unlink()  # what the message says to do
+    healed = Cli(project, home, "--set", "query_filters.min_chars=9", "run")
+    assert healed.wait() == 0, healed.text()
+    assert _accounting_balanced(data)
+
 
 def test_a_held_pool_is_named_and_given_up_on(tmp_path: Path, home: Path):
     from dagster import DagsterInstance

@@ -95,16 +95,16 @@ class Lake:
         path = self.path(asset, partition)
         if not path.exists():
             raise LakeError(f"{asset}[{partition}] has not been materialized yet ({path} is missing)")
-        return pq.read_table(path).to_pandas()
+        return _read_table(path, asset, partition)
 
     def read_rejections(self, asset: str, partition: str = UNPARTITIONED) -> pd.DataFrame:
         path = self.rejections_path(asset, partition)
-        return pq.read_table(path).to_pandas() if path.exists() else pd.DataFrame(columns=["reason"])
+        return _read_table(path, asset, partition) if path.exists() else pd.DataFrame(columns=["reason"])
 
     def read_all(self, asset: str, partitions: list[str] | None = None) -> pd.DataFrame:
         folder = self.root / asset
         files = sorted(folder.glob("*.parquet")) if partitions is None else [self.path(asset, p) for p in partitions]
-        frames = [pq.read_table(f).to_pandas() for f in files if f.exists()]
+        frames = [_read_table(f, asset, f.stem) for f in files if f.exists()]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -117,6 +117,18 @@ class Lake:
 
     def all_accounting(self) -> list[dict[str, Any]]:
         return [json.loads(p.read_text(encoding="utf-8")) for p in sorted((self.root / "_accounting").glob("*/*.json"))]
+
+
+def _read_table(path: Path, asset: str, partition: str) -> pd.DataFrame:
+    """A lake file damaged on disk (truncated, overwritten) fails its readers with the file named and the
+    way out, not with a bare Arrow error."""
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        raise LakeError(
+            f"{asset}[{partition}] is damaged: {path} cannot be read ({exc}); delete it and run again "
+            "to rebuild that partition"
+        ) from exc
 
 
 def _atomic_parquet(path: Path, df: pd.DataFrame, schema: pa.Schema | None) -> Path:
