@@ -73,11 +73,11 @@ def _active_accounting(cfg) -> list[dict[str, Any]]:
 
 
 def _failure_reason(result: Any) -> str:
-    """The innermost error of a failed run's first failed step: the stage's own message, not Dagster's
-    wrapper around it."""
+    """The error a failed run's first failed step raised: the stage's own message, not Dagster's wrapper
+    around it (nor the low-level error the stage's message explains)."""
     for event in result.get_step_failure_events():
         error = event.step_failure_data.error
-        while error is not None and error.cause is not None:
+        while error is not None and error.cls_name.startswith("Dagster") and error.cause is not None:
             error = error.cause
         if error is not None:
             lines = error.message.strip().splitlines()
