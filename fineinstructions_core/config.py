@@ -35,8 +35,11 @@ QUERY_FORMATS = ("jsonl", "json", "tsv", "tsv.gz")
 CORPUS_FORMATS = ("jsonl", "text")
 BACKENDS = ("transformers", "vllm", "openai")
 # Backend-specific keys a profile's stage entry may add (passed to the backend); None: any engine argument.
+TRANSFORMERS_DECODE_PATHS = ("continuous", "generate")
+"""The transformers backend's decode loops: its own continuous batching with shared-prefix reuse (the
+default), or transformers' `generate` (the reference it is checked against)."""
 BACKEND_OPTIONS: dict[str, tuple[str, ...] | None] = {
-    "transformers": (),
+    "transformers": ("decode",),
     "vllm": None,
     "openai": (
         "base_url",
@@ -635,6 +638,9 @@ def _check_project(s: ProjectSettings) -> None:
                         f"{where}.{key}: unknown key for the {entry.backend} backend{hint}"
                         + (f" (its options: {', '.join(allowed) or 'none'})" if allowed is not None else "")
                     )
+            decode = extras(entry).get("decode", "continuous") if entry.backend == "transformers" else None
+            if decode is not None and decode not in TRANSFORMERS_DECODE_PATHS:
+                raise ConfigError(f"{where}.decode: {decode!r} is not one of {TRANSFORMERS_DECODE_PATHS}")
 
 
 def _model_spec(stage: str, entry: StageModelSettings, root: Path, data_dir: Path) -> ModelSpec:

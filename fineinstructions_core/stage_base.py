@@ -94,7 +94,9 @@ def constrained(spec: ModelSpec, section_default: bool) -> bool:
 def llm_for(cfg: Config, stage: str) -> CachedLLM:
     spec = cfg.models[stage]
     backend = make_backend(spec, cfg.cache_dir)
-    return CachedLLM(backend, RequestCache(cfg.request_cache_path), chunk_size=max(spec.batch_size * 4, 16))
+    # Big chunks: a backend keeps its batch full across a chunk and drains only at its end, and answers
+    # reach the cache as each finishes, so a big chunk loses nothing when a run dies.
+    return CachedLLM(backend, RequestCache(cfg.request_cache_path), chunk_size=max(spec.batch_size * 32, 64))
 
 
 class ProgressReporter:

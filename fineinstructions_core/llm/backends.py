@@ -14,7 +14,7 @@ def make_backend(spec: ModelSpec, cache_dir: Path) -> LLMBackend:
     if spec.backend == "transformers":
         from .transformers_backend import TransformersBackend
 
-        return TransformersBackend(spec.model, cache_dir, batch_size=spec.batch_size)
+        return TransformersBackend(spec.model, cache_dir, batch_size=spec.batch_size, **spec.options)
     if spec.backend == "vllm":
         from .vllm_backend import VLLMBackend
 

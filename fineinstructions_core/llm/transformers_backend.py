@@ -1,27 +1,46 @@
-"""In-process generation with transformers: batched, CPU or GPU, with structured-decoding constraints."""
+"""In-process generation with transformers: CPU or GPU, with structured-decoding constraints.
+
+Two decode paths over the same rendering and constraints. `continuous` (the default, `continuous.py`)
+reuses the key/value cache of the prompts' shared prefix and batches continuously; `generate` is
+transformers' own `generate` over length-sorted batches, kept as the reference the continuous path is
+measured and checked against (same greedy texts, same cache keys: the path is not part of a request).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import TRANSFORMERS_DECODE_PATHS as DECODE_PATHS
 from .base import GenerationRequest, GenerationResult, ProgressFn, ResultFn
 from .constraints import Constraint, build_constraint
+from .continuous import ATTENTION, ContinuousDecoder, DecodeStats, register_attention
 from .models import resolve_llm
 
 log = logging.getLogger(__name__)
 
-_LOADED: dict[str, tuple[Any, Any]] = {}
+_LOADED: dict[tuple[str, str], tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
 
 
-def _load(path: Path) -> tuple[Any, Any]:
-    """One copy of each model per process, shared by every stage that uses it."""
-    key = str(path)
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or `taskset`'s share),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _load(path: Path, attention: str = "sdpa") -> tuple[Any, Any]:
+    """One copy of each model per process and attention implementation, shared by every stage that uses it
+    (the continuous path runs its own attention; a process using both paths holds the weights twice)."""
+    key = (str(path), attention)
     with _LOCK:
         if key not in _LOADED:
             import torch
@@ -32,8 +51,16 @@ def _load(path: Path) -> tuple[Any, Any]:
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device == "cpu":
+                torch.set_num_threads(available_cores())
+                log.info(
+                    "transformers backend: %d CPU thread(s), the cores available to this process",
+                    torch.get_num_threads(),
+                )
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+            if attention == ATTENTION:
+                register_attention()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).to(device)
             model.eval()
             _LOADED[key] = (tokenizer, model)
         return _LOADED[key]
@@ -72,10 +99,16 @@ class _ConstraintProcessor:
 
 
 class TransformersBackend:
-    def __init__(self, model: str, cache_dir: Path, batch_size: int = 8):
+    """`batch_size` is the number of rows decoding at once (slots, on the continuous path)."""
+
+    def __init__(self, model: str, cache_dir: Path, batch_size: int = 8, decode: str = "continuous"):
+        if decode not in DECODE_PATHS:
+            raise ValueError(f"unknown decode path {decode!r} for the transformers backend (one of {DECODE_PATHS})")
         self.model_name = model
         self.path, self._identity = resolve_llm(model, cache_dir)
         self.batch_size = batch_size
+        self.decode = decode
+        self.last_stats: DecodeStats | None = None
         self._tokenizer: Any = None
         self._model: Any = None
 
@@ -85,7 +118,7 @@ class TransformersBackend:
 
     def _ensure(self) -> tuple[Any, Any]:
         if self._model is None:
-            self._tokenizer, self._model = _load(self.path)
+            self._tokenizer, self._model = _load(self.path, ATTENTION if self.decode == "continuous" else "sdpa")
         return self._tokenizer, self._model
 
     def render(self, request: GenerationRequest) -> str:
@@ -103,6 +136,8 @@ class TransformersBackend:
         progress: ProgressFn | None = None,
         on_result: ResultFn | None = None,
     ) -> list[GenerationResult]:
+        if self.decode == "continuous":
+            return self._generate_continuous(requests, progress, on_result)
         tokenizer, _ = self._ensure()
         prompts = [self.render(r) for r in requests]
         lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
@@ -131,6 +166,47 @@ class TransformersBackend:
             if progress:
                 progress(done, len(requests), tokens)
         return [r for r in results if r is not None]
+
+    def _generate_continuous(
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressFn | None,
+        on_result: ResultFn | None,
+    ) -> list[GenerationResult]:
+        tokenizer, model = self._ensure()
+        prompts = [tokenizer(self.render(r), add_special_tokens=False).input_ids for r in requests]
+        results: list[GenerationResult | None] = [None] * len(requests)
+        constraints: list[Constraint | None] = []
+        for i, r in enumerate(requests):
+            try:
+                constraints.append(build_constraint(r.constraint, tokenizer, tokenizer.eos_token_id))
+            except Exception as exc:  # a grammar that cannot be built fails its own request only
+                results[i] = GenerationResult("", error=f"{type(exc).__name__}: {exc}")
+                constraints.append(None)
+        todo = [i for i in range(len(requests)) if results[i] is None]
+        counts = {"done": len(requests) - len(todo), "tokens": 0}
+
+        def on_done(j: int, result: GenerationResult) -> None:
+            i = todo[j]
+            results[i] = result
+            counts["done"] += 1
+            counts["tokens"] += result.completion_tokens
+            if on_result:
+                on_result(i, result)
+            if progress:
+                progress(counts["done"], len(requests), counts["tokens"])
+
+        for i in range(len(requests)):
+            if results[i] is not None and on_result:
+                on_result(i, results[i])
+        decoder = ContinuousDecoder(model, tokenizer, str(self.path), self.batch_size)
+        import torch
+
+        with torch.inference_mode():
+            self.last_stats = decoder.run(
+                [requests[i] for i in todo], [prompts[i] for i in todo], [constraints[i] for i in todo], on_done
+            )
+        return [r if r is not None else GenerationResult("", error="not generated") for r in results]
 
     def _generate_batch(self, requests: list[GenerationRequest], prompts: list[str]) -> list[GenerationResult]:
         import torch

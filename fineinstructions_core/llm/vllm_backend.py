@@ -3,6 +3,10 @@
 vLLM is imported only when this backend is selected, so CPU installs never need it. Prompts are rendered
 with the model's own chat template through transformers, exactly as the in-process backend renders them,
 so both backends share request-cache entries for the same weights and prompts.
+
+Automatic prefix caching is on unless the profile says otherwise (`enable_prefix_caching: false`): a
+stage's prompts share their instructions and worked examples, and vLLM then computes that prefix's
+key/value blocks once and reuses them for every request (its scheduler batches continuously as well).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class VLLMBackend:
     def __init__(self, model: str, cache_dir: Path, batch_size: int = 256, **engine_args: Any):
         self.path, self._identity = resolve_llm(model, cache_dir)
         self.batch_size = batch_size
-        self.engine_args = engine_args
+        self.engine_args = {"enable_prefix_caching": True, **engine_args}
         self._tokenizer: Any = None
         self._llm: Any = None
 
