@@ -470,21 +470,37 @@ class _BadText:
 _ARROW_FILE_MAGIC = b"ARROW1"
 
 
-def _open_arrow(path: Path) -> Any:
-    """An Arrow IPC file (random access) or stream (what `datasets` save_to_disk writes), memory-mapped."""
-    source = pa.memory_map(str(path), "r")
-    head = source.read(6)
-    source.seek(0)
-    return pa.ipc.open_file(source) if head == _ARROW_FILE_MAGIC else pa.ipc.open_stream(source)
+class _ArrowDamage(Exception):
+    """An Arrow file failed after `offset` bytes: `truncated` when it simply ends too soon."""
+
+    def __init__(self, exc: Exception, offset: int):
+        super().__init__(f"{type(exc).__name__}: {exc}")
+        self.offset = offset
+        self.truncated = "Expected to be able to read" in str(exc) or isinstance(exc, EOFError)
 
 
 def _arrow_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    reader = _open_arrow(path)
-    if isinstance(reader, pa.ipc.RecordBatchFileReader):
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
-    else:
-        yield from reader
+    """The record batches of an Arrow IPC file (random access) or stream (what `datasets` save_to_disk
+    writes), memory-mapped, so a batch costs no copy; damage raises _ArrowDamage with the byte offset."""
+    source = pa.memory_map(str(path), "r")
+    offset = 0
+    try:
+        head = source.read(6)
+        source.seek(0)
+        if head == _ARROW_FILE_MAGIC:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+        else:
+            reader = pa.ipc.open_stream(source)
+            offset = source.tell()
+            for batch in reader:
+                offset = source.tell()
+                yield batch
+    except _COLUMNAR_ERRORS as exc:
+        raise _ArrowDamage(exc, offset) from None
+    finally:
+        source.close()
 
 
 _COLUMNAR_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
@@ -502,7 +518,7 @@ def columnar_row_count(fmt: str, path: Path) -> int:
     try:
         for batch in _arrow_batches(path):
             n += batch.num_rows
-    except _COLUMNAR_ERRORS:
+    except _ArrowDamage:
         return n + 1
     return n
 
@@ -527,13 +543,14 @@ def _columnar_rows(
             index += n
             if index >= stop:
                 return
-    except _COLUMNAR_ERRORS as exc:
+    except _ArrowDamage as err:
         if start <= index < stop:
+            what = "ends before the end of its data" if err.truncated else "cannot be read"
             yield Rejected(
                 rel,
                 index,
-                "corrupt_file",
-                f"{path.name} (arrow) cannot be read after row {index} ({type(exc).__name__}: {exc}); "
+                "truncated_file" if err.truncated else "corrupt_file",
+                f"{path.name} (arrow) {what} after row {index}, byte offset {err.offset} ({err}); "
                 f"record {index} and any after it are lost",
                 "",
             )
