@@ -528,10 +528,24 @@ def _columnar_rows(
 ) -> Iterator[tuple[int, dict[str, Any]] | Rejected]:
     """(row number, {name: value at its field path, or _MISSING}) or a rejection, for rows [start, stop)
     of a Parquet or Arrow file, batch by batch, reading only the columns the field paths start with."""
+    for item in _columnar_batches(path, rel, fields, start, stop, fmt):
+        if isinstance(item, Rejected):
+            yield item
+            continue
+        first, values = item
+        keys = list(values)
+        for j, row in enumerate(zip(*(values[k] for k in keys), strict=True)):
+            yield first + j, dict(zip(keys, row, strict=True))
+
+
+def _columnar_batches(
+    path: Path, rel: str, fields: dict[str, str], start: int = 0, stop: int | None = None, fmt: str | None = None
+) -> Iterator[tuple[int, dict[str, list[Any]]] | Rejected]:
+    """(first row number, {name: the batch's values at its field path}) or a rejection, in row order."""
     fmt = fmt or ("parquet" if _is_parquet(path) else "arrow")
     stop = stop if stop is not None else 1 << 62
     if fmt == "parquet":
-        yield from _parquet_rows(path, rel, fields, start, stop)
+        yield from _parquet_batches(path, rel, fields, start, stop)
         return
     index = 0
     try:
@@ -539,7 +553,7 @@ def _columnar_rows(
             n = batch.num_rows
             if index + n > start and index < stop:
                 lo, hi = max(start - index, 0), min(stop - index, n)
-                yield from _batch_rows(batch.slice(lo, hi - lo), fields, index + lo)
+                yield index + lo, _batch_values(batch.slice(lo, hi - lo), fields)
             index += n
             if index >= stop:
                 return
@@ -561,9 +575,9 @@ def _is_parquet(path: Path) -> bool:
         return f.read(4) == b"PAR1"
 
 
-def _parquet_rows(
+def _parquet_batches(
     path: Path, rel: str, fields: dict[str, str], start: int, stop: int
-) -> Iterator[tuple[int, dict[str, Any]] | Rejected]:
+) -> Iterator[tuple[int, dict[str, list[Any]]] | Rejected]:
     try:
         pf = pq.ParquetFile(path)
         meta = pf.metadata
@@ -586,11 +600,13 @@ def _parquet_rows(
         if lo < hi:
             index = rg_start
             try:
-                for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=columns):
+                # One thread: the work is mostly Python's; a pool only adds start-up and contention.
+                batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=columns, use_threads=False)
+                for batch in batches:
                     m = batch.num_rows
                     if index + m > lo and index < hi:
                         a, b = max(lo - index, 0), min(hi - index, m)
-                        yield from _batch_rows(batch.slice(a, b - a), fields, index + a)
+                        yield index + a, _batch_values(batch.slice(a, b - a), fields)
                     index += m
                     if index >= hi:
                         break
@@ -640,25 +656,23 @@ def _column_values(column: pa.Array) -> list[Any]:
     return out
 
 
-def _batch_rows(batch: pa.RecordBatch, fields: dict[str, str], first: int) -> Iterator[tuple[int, dict[str, Any]]]:
+def _batch_values(batch: pa.RecordBatch, fields: dict[str, str]) -> dict[str, list[Any]]:
+    """Each field path's values in one batch: None for an unmapped field, _MISSING where a path finds none."""
     names = batch.schema.names
     values: dict[str, list[Any]] = {}
     for key, path in fields.items():
         if not path:
             values[key] = [None] * batch.num_rows
-            continue
-        if path in names:
+        elif path in names:
             values[key] = _column_values(batch.column(names.index(path)))
-            continue
-        head, _, rest = path.partition(".")
-        if head not in names:
-            values[key] = [_MISSING] * batch.num_rows
-            continue
-        column = _column_values(batch.column(names.index(head)))
-        values[key] = [_walk(v, rest) for v in column] if rest else column
-    keys = list(values)
-    for j, row in enumerate(zip(*(values[k] for k in keys), strict=True)):
-        yield first + j, dict(zip(keys, row, strict=True))
+        else:
+            head, _, rest = path.partition(".")
+            if head not in names:
+                values[key] = [_MISSING] * batch.num_rows
+                continue
+            column = _column_values(batch.column(names.index(head)))
+            values[key] = [_walk(v, rest) for v in column] if rest else column
+    return values
 
 
 def _walk(value: Any, rest: str) -> Any:
@@ -710,14 +724,7 @@ def read_corpus_records(
         yield _doc_or_reject(Record(rel, 0, text, key=path.name, title=path.stem), max_chars)
         return
     if corpus.format in ("parquet", "arrow"):
-        fields = {"text": corpus.text_field, "id": corpus.id_field or "", "title": corpus.title_field or ""}
-        fields |= {f"meta:{m}": m for m in corpus.metadata}
-        for item in _columnar_rows(path, rel, fields, start, stop, corpus.format):
-            if isinstance(item, Rejected):
-                yield item
-                continue
-            i, row = item
-            yield _document(corpus, rel, i, row, max_chars, lambda row=row: _snippet(repr(row["text"])))
+        yield from _columnar_documents(corpus, path, rel, start, stop, max_chars)
         return
     for item in _json_lines(path, rel, start, stop):
         if isinstance(item, Rejected):
@@ -745,6 +752,54 @@ def _document(corpus: Corpus, rel: str, i: int, row: dict[str, Any], max_chars: 
     meta = {m: _plain_value(row[f"meta:{m}"]) for m in corpus.metadata} if corpus.metadata else None
     record = Record(rel, i, text, key=_optional(row["id"]), title=_optional(row["title"]), metadata=meta)
     return _doc_or_reject(record, max_chars)
+
+
+def _columnar_documents(
+    corpus: Corpus, path: Path, rel: str, start: int, stop: int, max_chars: int
+) -> Iterator[Record | Rejected]:
+    """A Parquet or Arrow corpus file's documents, a batch at a time: the common row (text that is a
+    string, ids and metadata that are plain values) takes a short path, every other one `_document`'s."""
+    fields = {"text": corpus.text_field, "id": corpus.id_field or "", "title": corpus.title_field or ""}
+    fields |= {f"meta:{m}": m for m in corpus.metadata}
+    names = list(corpus.metadata)
+    for item in _columnar_batches(path, rel, fields, start, stop, corpus.format):
+        if isinstance(item, Rejected):
+            yield item
+            continue
+        first, values = item
+        texts, keys, titles = values["text"], values["id"], values["title"]
+        metas = [_plain_column(values[f"meta:{m}"]) for m in names]
+        rows = zip(*metas, strict=True) if names else None
+        for j, text in enumerate(texts):
+            meta = dict(zip(names, next(rows), strict=True)) if rows is not None else None
+            key, title = keys[j], titles[j]
+            if (
+                type(text) is not str
+                or not (key is None or type(key) in _PLAIN)
+                or not (title is None or type(title) in _PLAIN)
+            ):
+                row = {"text": text, "id": key, "title": title} | {f"meta:{m}": v for m, v in (meta or {}).items()}
+                yield _document(corpus, rel, first + j, row, max_chars, lambda text=text: _snippet(repr(text)))
+                continue
+            record = Record(
+                rel,
+                first + j,
+                text,
+                key=None if key is None else str(key),
+                title=None if title is None else str(title),
+                metadata=meta,
+            )
+            yield _doc_or_reject(record, max_chars)
+
+
+_PLAIN = (str, int, float)
+
+
+def _plain_column(values: list[Any]) -> list[Any]:
+    """A metadata column as JSON can hold it, converted only where some value needs it."""
+    if any(v is _MISSING or isinstance(v, bytes | _BadText) for v in values):
+        return [_plain_value(v) for v in values]
+    return values
 
 
 def _optional(value: Any) -> str | None:
