@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -369,3 +370,35 @@ def test_zstd_stream_of_several_frames_and_a_cut_last_frame(tmp_path):
     assert items[0].text == "first frame" and all(isinstance(i, readers.Record) for i in items[:-1])
     assert items[-1].reason == "truncated_file" and "f.jsonl (zstd)" in items[-1].detail
     assert items[-1].index == len(items) - 1 > 1
+
+
+def test_template_index_takes_a_template_source_beside_a_genericized_bank(tmp_path):
+    """The ready bank and a genericized one (written here as the genericizer writes it) index together."""
+    _finetemplates(tmp_path)
+    bank = {"name": "finetemplates", "path": "bank/*.parquet", "format": "parquet", "preset": "finetemplates"}
+    config = make_tiny_project(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["template_sources"] = [bank]
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(config)
+    sources = cfg.source_partitions
+    assert sources == ["nq", "wf", "finetemplates"]
+    run_stage(cfg, "template_bank", "finetemplates", sources, [])
+    genericized = pd.DataFrame(
+        {
+            "template_id": ["tpl_generic"],
+            "query_id": ["q_generic"],
+            "source": ["nq"],
+            "query": ["who wrote hamlet"],
+            "template": ["who wrote <fi>a play</fi>"],
+            "description": ["A text about a play that names its author."],
+            "variables": [["a play"]],
+            "complexity": [1],
+        }
+    )
+    Lake(cfg.lake_dir).write("template_bank", "nq", genericized)
+    res = run_stage(cfg, "template_index", "all", ["nq", "finetemplates"], [])
+    out = res.output.set_index("template")
+    assert len(out) == 4 and sorted(out["index_row"]) == [0, 1, 2, 3]
+    assert out.loc[GOOD[1][0], "bank_template_id"] == "ft-1" and out.loc[GOOD[1][0], "record"] == 1
+    assert out.loc["who wrote <fi>a play</fi>", "source"] == "nq"
