@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG_NAME = "fineinstructions.yaml"
 QUERY_FORMATS = ("jsonl", "json", "tsv", "tsv.gz", "parquet", "arrow")
 CORPUS_FORMATS = ("jsonl", "text", "parquet", "arrow")
-TEMPLATE_FORMATS = ("parquet", "jsonl")
 # Column names of released template banks, so a config can say `preset: finetemplates`.
 TEMPLATE_PRESETS: dict[str, dict[str, Any]] = {
     "finetemplates": {

@@ -402,3 +402,12 @@ def test_template_index_takes_a_template_source_beside_a_genericized_bank(tmp_pa
     assert len(out) == 4 and sorted(out["index_row"]) == [0, 1, 2, 3]
     assert out.loc[GOOD[1][0], "bank_template_id"] == "ft-1" and out.loc[GOOD[1][0], "record"] == 1
     assert out.loc["who wrote <fi>a play</fi>", "source"] == "nq"
+
+
+def test_template_sources_are_source_partitions_for_dagster(tmp_path):
+    from fineinstructions_assets.partitions import desired_partitions
+
+    _finetemplates(tmp_path)
+    bank = {"name": "finetemplates", "path": "bank/*.parquet", "format": "parquet", "preset": "finetemplates"}
+    cfg = load_config(_project(tmp_path, template_sources=[bank]))
+    assert desired_partitions(cfg)["query_sources"] == ["finetemplates"]

@@ -332,7 +332,7 @@ def _read_query_file(source: QuerySource, path: Path, rel: str) -> Iterator[Reco
         return
     if source.format in ("parquet", "arrow"):
         field_name = source.text_field or ""
-        for item in _columnar_rows(path, rel, {"text": field_name}):
+        for item in _columnar_rows(path, rel, {"text": field_name}, fmt=source.format):
             if isinstance(item, Rejected):
                 yield item
                 continue
