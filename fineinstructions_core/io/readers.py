@@ -511,7 +511,8 @@ def columnar_row_count(fmt: str, path: Path) -> int:
     footer alone (nothing else is read); an Arrow file's batch lengths, plus one for damage."""
     if fmt == "parquet":
         try:
-            return int(pq.ParquetFile(path).metadata.num_rows)
+            with pq.ParquetFile(path) as pf:
+                return int(pf.metadata.num_rows)
         except _COLUMNAR_ERRORS:
             return 1  # the one corrupt_file rejection
     n = 0
@@ -592,6 +593,14 @@ def _parquet_batches(
                 "",
             )
         return
+    with pf:
+        yield from _row_groups(pf, meta, path, rel, fields, start, stop)
+
+
+def _row_groups(
+    pf: pq.ParquetFile, meta: Any, path: Path, rel: str, fields: dict[str, str], start: int, stop: int
+) -> Iterator[tuple[int, dict[str, list[Any]]] | Rejected]:
+    """The row groups that hold rows [start, stop), batch by batch; a damaged one's unread rows rejected."""
     columns = _columns_for(pf.schema_arrow.names, fields)
     rg_start = 0
     for rg in range(meta.num_row_groups):
