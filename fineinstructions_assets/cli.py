@@ -67,7 +67,7 @@ def _active_accounting(cfg) -> list[dict[str, Any]]:
     """Accounting of the partitions the config implies (removed sources and corpora are left out)."""
     from fineinstructions_core.shards import manifest_shard_keys
 
-    keys = {s.name for s in cfg.query_sources} | {UNPARTITIONED}
+    keys = set(cfg.source_partitions) | {UNPARTITIONED}
     keys |= manifest_shard_keys(cfg)
     return [rec for rec in Lake(cfg.lake_dir).all_accounting() if rec["partition"] in keys]
 

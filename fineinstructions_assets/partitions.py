@@ -19,7 +19,7 @@ PARTITIONS: dict[Partitioning, DynamicPartitionsDefinition] = {
 def desired_partitions(cfg: Config) -> dict[str, list[str]]:
     """Partition keys the config implies now (cutting new shards for new corpus files)."""
     return {
-        query_sources.name: [s.name for s in cfg.query_sources],
+        query_sources.name: cfg.source_partitions,  # query sources and template sources
         corpus_shards.name: [s.key for s in plan_all_shards(cfg)],
     }
 
@@ -41,7 +41,7 @@ def active_partitions(cfg: Config, instance: DagsterInstance) -> tuple[list[str]
     its partitions (and their history) in the instance, but no longer feeds the index or the corpus."""
     from fineinstructions_core.shards import manifest_shard_keys
 
-    wanted_sources = {s.name for s in cfg.query_sources}
+    wanted_sources = set(cfg.source_partitions)
     wanted_shards = manifest_shard_keys(cfg)
     sources = [k for k in instance.get_dynamic_partitions(query_sources.name) if k in wanted_sources]
     shards = [k for k in instance.get_dynamic_partitions(corpus_shards.name) if k in wanted_shards]

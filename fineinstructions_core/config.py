@@ -31,8 +31,18 @@ from .llm.models import EMBEDDED_EMBEDDER, EMBEDDED_LLM
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_NAME = "fineinstructions.yaml"
-QUERY_FORMATS = ("jsonl", "json", "tsv", "tsv.gz")
-CORPUS_FORMATS = ("jsonl", "text")
+QUERY_FORMATS = ("jsonl", "json", "tsv", "tsv.gz", "parquet", "arrow")
+CORPUS_FORMATS = ("jsonl", "text", "parquet", "arrow")
+# Column names of released template banks, so a config can say `preset: finetemplates`.
+TEMPLATE_PRESETS: dict[str, dict[str, Any]] = {
+    "finetemplates": {
+        "template_column": "template",
+        "description_column": "compatible_document_description",
+        "id_column": "template_id",
+        "query_column": None,
+        "metadata": ["source_name"],
+    },
+}
 BACKENDS = ("transformers", "vllm", "openai")
 # Backend-specific keys a profile's stage entry may add (passed to the backend); None: any engine argument.
 TRANSFORMERS_DECODE_PATHS = ("continuous", "generate")
@@ -90,18 +100,40 @@ def _glob(root: Path, pattern: str) -> list[Path]:
     return [base] if base.exists() else []
 
 
+def _arrow_files(paths: list[Path]) -> list[Path]:
+    """A `datasets` save_to_disk folder stands for its Arrow files, in the order its state.json lists them
+    (data-*.arrow when it has none); Arrow files given directly are themselves."""
+    out: list[Path] = []
+    for p in paths:
+        if not p.is_dir():
+            out.append(p)
+            continue
+        state = p / "state.json"
+        names: list[str] = []
+        if state.exists():
+            try:
+                names = [f["filename"] for f in json.loads(state.read_text(encoding="utf-8")).get("_data_files", [])]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                names = []
+        out.extend([p / n for n in names] if names else sorted(p.glob("*.arrow")))
+    return out
+
+
 @settings(frozen=True, config=_SECTION)
 class QuerySource:
     """One query source: a file or glob and where the query text is in each record."""
 
     name: Str
     path: Str
-    format: Literal["jsonl", "json", "tsv", "tsv.gz"]
-    text_field: Str | None = None
+    format: Literal["jsonl", "json", "tsv", "tsv.gz", "parquet", "arrow"]
+    text_field: Str | None = None  # a dotted path; a number indexes a list: conversation.0.content
     text_column: Int = Field(0, ge=0)
+    # first_user: text_field names a list of chat messages and the query is the first user turn
+    turn: Literal["first_user"] | None = None
 
     def files(self, root: Path) -> list[Path]:
-        return _glob(root, self.path)
+        paths = _glob(root, self.path)
+        return _arrow_files(paths) if self.format == "arrow" else paths
 
 
 @settings(frozen=True, config=_SECTION)
@@ -110,14 +142,16 @@ class Corpus:
 
     name: Str
     path: Str
-    format: Literal["jsonl", "text"]
+    format: Literal["jsonl", "text", "parquet", "arrow"]
     text_field: Str = "text"
     id_field: Str | None = None
     title_field: Str | None = None
+    metadata: list[Str] = Field(default_factory=list)  # fields carried into the lake: url, language, ...
     shard_size: Int | None = Field(None, ge=1)
 
     def files(self, root: Path) -> list[Path]:
-        return _glob(root, self.path)
+        paths = _glob(root, self.path)
+        return _arrow_files(paths) if self.format == "arrow" else paths
 
     @field_validator("name")
     @classmethod
@@ -125,6 +159,35 @@ class Corpus:
         if "-" in v:
             raise ValueError(f"corpus name {v!r} may not contain '-' (it separates shard numbers)")
         return v
+
+
+@settings(frozen=True, config=_SECTION)
+class TemplateSource:
+    """A ready template bank (the released FineTemplates, or one's own) loaded as a `template_bank`
+    partition instead of genericizing queries; a preset fills the column names it does not set."""
+
+    name: Str
+    path: Str
+    format: Literal["parquet", "jsonl"]
+    preset: Literal["finetemplates"] | None = None
+    template_column: Str | None = None  # default: template
+    description_column: Str | None = None  # default: description
+    id_column: Str | None = None  # the bank's own template id, kept for lineage
+    query_column: Str | None = None  # the query a template came from, when the bank has it
+    metadata: list[Str] | None = None  # more columns kept with each template
+
+    def files(self, root: Path) -> list[Path]:
+        return _glob(root, self.path)
+
+    def column(self, key: str) -> Any:
+        """A column setting: the one set here, else the preset's, else the plain default."""
+        value = getattr(self, key)
+        if value is not None:
+            return value
+        preset = TEMPLATE_PRESETS.get(self.preset or "", {})
+        if key in preset:
+            return preset[key]
+        return {"template_column": "template", "description_column": "description", "metadata": []}.get(key)
 
 
 # ------------------------------------------------------------------------------------ stage sections
@@ -324,6 +387,7 @@ class ProjectSettings:
     shard_size: Int = Field(8, ge=1)
     max_document_chars: Int = Field(5_000_000, ge=1)
     query_sources: list[QuerySource] = Field(default_factory=list)
+    template_sources: list[TemplateSource] = Field(default_factory=list)
     corpora: list[Corpus] = Field(default_factory=list)
     query_filters: QueryFilters = Field(default_factory=QueryFilters)
     genericize: GenericizeSettings = Field(default_factory=GenericizeSettings)
@@ -368,6 +432,15 @@ class Config:
     @property
     def query_sources(self) -> list[QuerySource]:
         return self.settings.query_sources
+
+    @property
+    def template_sources(self) -> list[TemplateSource]:
+        return self.settings.template_sources
+
+    @property
+    def source_partitions(self) -> list[str]:
+        """The keys of the per-source stages: query sources, then template sources."""
+        return [s.name for s in self.query_sources] + [t.name for t in self.template_sources]
 
     @property
     def corpora(self) -> list[Corpus]:
@@ -451,6 +524,10 @@ class Config:
             if s.name == name:
                 return s
         raise ConfigError(f"query source {name!r} is not in the config (have: {[s.name for s in self.query_sources]})")
+
+    def template_source(self, name: str) -> TemplateSource | None:
+        """The template source of this name, or None when the name is a query source's."""
+        return next((t for t in self.template_sources if t.name == name), None)
 
     def corpus(self, name: str) -> Corpus:
         for c in self.corpora:
@@ -599,10 +676,19 @@ def _check_project(s: ProjectSettings) -> None:
     for i, src in enumerate(s.query_sources):
         if src.format in ("jsonl", "json") and not src.text_field:
             raise ConfigError(f"query_sources[{i}].text_field: format {src.format} needs text_field")
-    names = [x.name for x in s.query_sources] + [c.name for c in s.corpora]
+        if src.format in ("parquet", "arrow") and not src.text_field:
+            raise ConfigError(f"query_sources[{i}].text_field: format {src.format} needs text_field (a column)")
+        if src.turn and src.format not in ("jsonl", "json", "parquet", "arrow"):
+            raise ConfigError(f"query_sources[{i}].turn: format {src.format} has no chat messages to choose from")
+        if src.turn and not src.text_field:
+            raise ConfigError(f"query_sources[{i}].turn: needs text_field, the list of messages (e.g. conversation)")
+    for i, c in enumerate(s.corpora):
+        if c.format == "text" and c.metadata:
+            raise ConfigError(f"corpora[{i}].metadata: format text has no fields to carry")
+    names = [x.name for x in s.query_sources] + [t.name for t in s.template_sources] + [c.name for c in s.corpora]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"query_sources/corpora: names must be unique, {dup} appear twice")
+        raise ConfigError(f"query_sources/template_sources/corpora: names must be unique, {dup} appear twice")
     if s.model_profile not in s.model_profiles:
         hint = _suggest(s.model_profile, s.model_profiles)
         raise ConfigError(

@@ -23,11 +23,14 @@ class Problem:
 
 
 def input_problems(cfg: Config) -> list[Problem]:
-    """Query sources and corpora whose path matches no file."""
+    """Query sources, template sources and corpora whose path matches no file."""
     problems = []
     for i, s in enumerate(cfg.query_sources):
         if not s.files(cfg.root):
             problems.append(Problem(f"query_sources[{i}].path", f"{s.path!r} matches no file under {cfg.root}"))
+    for i, t in enumerate(cfg.template_sources):
+        if not t.files(cfg.root):
+            problems.append(Problem(f"template_sources[{i}].path", f"{t.path!r} matches no file under {cfg.root}"))
     for i, c in enumerate(cfg.corpora):
         if not c.files(cfg.root):
             problems.append(Problem(f"corpora[{i}].path", f"{c.path!r} matches no file under {cfg.root}"))

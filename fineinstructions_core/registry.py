@@ -157,8 +157,18 @@ class Registry:
 
 
 def _source_inputs(cfg: Config, partition: str) -> Inputs:
+    if cfg.template_source(partition) is not None:
+        return Inputs(values={"template_source": partition})  # no queries to read
     source = cfg.source(partition)
     return Inputs(values={"source": plain(source)}, files=tuple(source.files(cfg.root)))
+
+
+def _template_source_inputs(cfg: Config, partition: str) -> Inputs:
+    """A template source's bank files and column mapping; a query source adds nothing."""
+    source = cfg.template_source(partition)
+    if source is None:
+        return Inputs()
+    return Inputs(values={"template_source": plain(source)}, files=tuple(source.files(cfg.root)))
 
 
 def _query_filter_inputs(cfg: Config, partition: str) -> Inputs:
@@ -241,8 +251,10 @@ STAGES = (
         stages.template_bank,
         Contract("template_id", ("template_id", "query_id", "template", "description", "complexity"), "queries", 0.1),
         "queries",
-        "LLM-genericized templates with <fi> tags and compatible document descriptions.",
+        "LLM-genericized templates with <fi> tags and compatible document descriptions, or a template "
+        "source's ready bank, validated the same way.",
         pool="llm",
+        inputs=_template_source_inputs,
     ),
     StageSpec(
         "template_index",

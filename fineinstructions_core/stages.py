@@ -8,6 +8,7 @@ tests all run these functions through it.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -23,13 +24,19 @@ from .llm_requests import genericize_requests, instantiation_requests, judge_req
 from .queries import Decontaminator, build_query_set, load_eval_questions, load_unsafe_patterns
 from .shards import get_shard
 from .stage_base import StageContext, StageResult
+from .template_sources import load_template_source
 
 # ----------------------------------------------------------------------------------------- queries
 
 
 def raw_queries(ctx: StageContext) -> StageResult:
-    """One query source read in its own format; unreadable records kept as rejections."""
+    """One query source read in its own format; unreadable records kept as rejections. A template
+    source has no queries (its templates are read by template_bank): its partition here is empty."""
     cfg = ctx.cfg
+    cols = ["query_id", "source", "file", "record", "text"]
+    rej_cols = ["source", "file", "record", "reason", "detail", "snippet"]
+    if cfg.template_source(ctx.partition) is not None:
+        return ctx.finish(pd.DataFrame(columns=cols), pd.DataFrame(columns=rej_cols), 0, template_source=True)
     source = cfg.source(ctx.partition)
     rows, rejected = [], []
     for item in read_query_source(source, cfg.root, limit=cfg.limit("queries_per_source")):
@@ -54,8 +61,8 @@ def raw_queries(ctx: StageContext) -> StageResult:
                     "text": item.text,
                 }
             )
-    out = pd.DataFrame(rows, columns=["query_id", "source", "file", "record", "text"])
-    rej = pd.DataFrame(rejected, columns=["source", "file", "record", "reason", "detail", "snippet"])
+    out = pd.DataFrame(rows, columns=cols)
+    rej = pd.DataFrame(rejected, columns=rej_cols)
     return ctx.finish(out, rej, len(rows) + len(rejected))
 
 
@@ -70,7 +77,12 @@ def query_set(ctx: StageContext) -> StageResult:
 
 
 def template_bank(ctx: StageContext) -> StageResult:
-    """Each query genericized by the LLM into a validated template and its document description."""
+    """Each query genericized by the LLM into a validated template and its document description; a
+    template source's partition is its ready bank instead, each row through the same validation."""
+    source = ctx.cfg.template_source(ctx.partition)
+    if source is not None:
+        out, rej, rows_in = load_template_source(source, ctx.cfg.root)
+        return ctx.finish(out, rej, rows_in, template_source=source.name)
     queries = ctx.lake.read("query_set", ctx.partition)
     results, stats = ctx.run_llm("genericize", genericize_requests(ctx.cfg, queries["query"]))
     out, rej = genericize.genericize_results(queries, results)
@@ -162,10 +174,14 @@ def documents(ctx: StageContext) -> StageResult:
                         "title": item.title,
                         "text": item.text,
                         "n_chars": len(item.text),
+                        "metadata": None
+                        if item.metadata is None
+                        else json.dumps(item.metadata, default=str, ensure_ascii=False),
                     }
                 )
     out = pd.DataFrame(
-        rows, columns=["document_id", "corpus", "shard", "file", "record", "doc_key", "title", "text", "n_chars"]
+        rows,
+        columns=["document_id", "corpus", "shard", "file", "record", "doc_key", "title", "text", "n_chars", "metadata"],
     )
     dup = out.duplicated("document_id")
     if dup.any():
