@@ -82,6 +82,9 @@ class StageContext:
     ) -> tuple[list[GenerationResult], LLMStats]:
         """Generate through the request cache with `stage`'s model of `cfg` (default: the context's)."""
         llm = llm_for(cfg or self.cfg, stage)
+        describe = getattr(llm.backend, "describe", None)
+        if describe is not None:
+            self.logger(f"{stage}: {len(requests)} requests on {describe()}")
         results = llm.generate(requests, progress=ProgressReporter(stage, self.logger))
         return results, llm.stats
 

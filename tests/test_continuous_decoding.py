@@ -80,6 +80,19 @@ def test_a_later_call_reuses_the_stored_prefix(requests_by_stage, reference):
     assert single[0].text == reference["genericize"][2]
 
 
+def test_stages_taking_turns_reuse_their_own_stored_prefixes(requests_by_stage, reference):
+    """genericize, judge, then genericize again: the older stored prefix is found again (not recomputed)
+    and the answers stay the reference's."""
+    continuous._PREFIXES.clear()
+    new = TransformersBackend(EMBEDDED_LLM, CACHE, batch_size=4)
+    new.generate(requests_by_stage["genericize"][:2])
+    new.generate(requests_by_stage["judge"][:2])
+    assert len(continuous._PREFIXES) == 2
+    again = new.generate(requests_by_stage["genericize"][3:5])
+    assert new.last_stats is not None and new.last_stats.prefix_reused
+    assert [r.text for r in again] == reference["genericize"][3:5]
+
+
 def test_request_cache_filled_by_one_path_answers_the_other(tmp_path: Path, requests_by_stage):
     reqs = requests_by_stage["judge"][:2]
     old = CachedLLM(TransformersBackend(EMBEDDED_LLM, CACHE, decode="generate"), RequestCache(tmp_path / "c.sqlite"))
@@ -104,6 +117,13 @@ def test_a_request_whose_grammar_cannot_be_built_fails_alone(requests_by_stage, 
     got = TransformersBackend(EMBEDDED_LLM, CACHE, batch_size=4).generate([good[0], bad, good[1]])
     assert got[1].error and "no_such_grammar" in got[1].error
     assert [got[0].text, got[2].text] == reference["genericize"][:2]
+
+
+def test_no_requests_and_a_zero_token_budget():
+    backend = TransformersBackend(EMBEDDED_LLM, CACHE, batch_size=4)
+    assert backend.generate([]) == []
+    req = replace(_stage_requests()["genericize"][0], max_new_tokens=0, assistant_prefix="Template:")
+    assert backend.generate([req])[0].text == "Template:"
 
 
 def test_common_prefix_leaves_each_prompt_a_token_of_its_own():

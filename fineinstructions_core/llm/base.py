@@ -80,6 +80,16 @@ class LLMStats:
         return d
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the earliest stop string."""
+    cut = len(text)
+    for s in stops:
+        pos = text.find(s)
+        if pos != -1:
+            cut = min(cut, pos)
+    return text[:cut]
+
+
 class LLMBackend(Protocol):
     """A backend renders requests to prompts and generates for the ones the cache could not answer."""
 

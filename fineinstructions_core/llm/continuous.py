@@ -29,11 +29,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import GenerationRequest, GenerationResult
+from .base import GenerationRequest, GenerationResult, cut_at_stop
 from .constraints import Constraint
 
 log = logging.getLogger(__name__)
 
+STOP_WINDOW = 24
+"""Generated tokens decoded to look for a stop string (it is checked after every token)."""
 MIN_SHARED_PREFIX = 32
 """Shorter common prefixes are not worth a cache entry."""
 PREFIX_STORE_SIZE = 4
@@ -96,6 +98,9 @@ def shared_prefix_attention(
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    for unsupported in ("softcap", "sliding_window", "s_aux"):
+        if kwargs.get(unsupported) is not None and shared_prefix is not None:
+            raise ValueError(f"shared-prefix attention does not implement {unsupported}")
     if shared_prefix is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -117,7 +122,8 @@ def shared_prefix_attention(
     rep = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     q = query.reshape(b, kv_heads, rep * q_len, dim)  # heads of one group act as extra query rows
-    scores = torch.matmul(q, key.transpose(-1, -2)) * scale  # [b, kv_heads, rep*q, own]
+    # scores, maxima, exponentials and sums in fp32 (bf16 on a GPU), as SDPA's kernels accumulate
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [b, kv_heads, rep*q, own]
     if attention_mask is None:  # no padding: plain causality over the own columns
         i = torch.arange(q_len, device=query.device).view(q_len, 1) + (own - q_len)
         attention_mask = (torch.arange(own, device=query.device).view(1, own) <= i).view(1, 1, q_len, own)
@@ -129,15 +135,15 @@ def shared_prefix_attention(
         add = keep.unsqueeze(2).expand(keep.shape[0], 1, rep, q_len, own).reshape(keep.shape[0], 1, rep * q_len, own)
         scores = scores + add
     qp = q.transpose(0, 1).reshape(kv_heads, b * rep * q_len, dim)
-    pre = torch.matmul(qp, pk[0].transpose(-1, -2)) * scale  # [kv_heads, b*rep*q, P]
+    pre = torch.matmul(qp, pk[0].transpose(-1, -2)).float() * scale  # [kv_heads, b*rep*q, P]
     top = torch.maximum(scores.amax(-1), pre.view(kv_heads, b, rep * q_len, -1).amax(-1).transpose(0, 1))
     e_own = torch.exp(scores - top.unsqueeze(-1))
     e_pre = torch.exp(pre - top.transpose(0, 1).reshape(kv_heads, b * rep * q_len, 1))
     total = e_own.sum(-1) + e_pre.sum(-1).view(kv_heads, b, rep * q_len).transpose(0, 1)
-    out = torch.matmul(e_own, value)  # [b, kv_heads, rep*q, dim]
-    out = out + torch.matmul(e_pre, pv[0]).view(kv_heads, b, rep * q_len, dim).transpose(0, 1)
-    out = out / total.unsqueeze(-1)
-    return out.view(b, heads, q_len, dim).transpose(1, 2).contiguous(), None
+    out = torch.matmul(e_own.to(value.dtype), value).float()  # [b, kv_heads, rep*q, dim]
+    out = out + torch.matmul(e_pre.to(pv.dtype), pv[0]).float().view(kv_heads, b, rep * q_len, dim).transpose(0, 1)
+    out = (out / total.unsqueeze(-1)).to(query.dtype)
+    return out.reshape(b, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 def register_attention() -> None:
@@ -166,8 +172,8 @@ class _SlabLayer:
     def _alloc(self, like: Any, rows: int, capacity: int) -> tuple[Any, Any]:
         import torch
 
-        # Uninitialized: every column below `length` is written (or zeroed) before any attention reads it,
-        # and masked columns must hold finite values, which writing guarantees (0 x NaN would poison a row).
+        # Uninitialized: the callers write or zero every column below `length` before attention reads it;
+        # masked columns must hold finite values (a masked NaN still poisons its row: 0 x NaN = NaN).
         shape = (rows, like.shape[1], capacity, like.shape[3])
         return (
             torch.empty(shape, dtype=like.dtype, device=like.device),
@@ -264,6 +270,8 @@ class _Batch:
             capacity = 2 * width + 64
             for layer in self.cache.layers:
                 layer.kbuf, layer.vbuf = layer._alloc(like, self.slots, capacity)
+                layer.kbuf[:, :, :width] = 0  # slots left free here are read (masked) until a row joins
+                layer.vbuf[:, :, :width] = 0
                 layer.length, layer.is_initialized = width, True
                 layer.dtype, layer.device = like.dtype, like.device
                 layer._views()
@@ -362,15 +370,6 @@ class _Batch:
             self._shift(-start)
 
 
-def _left_pad(t: Any, n: int) -> Any:
-    import torch
-
-    if n <= 0:
-        return t
-    zeros = torch.zeros((t.shape[0], t.shape[1], n, t.shape[3]), dtype=t.dtype, device=t.device)
-    return torch.cat([zeros, t], dim=2)
-
-
 PREFILL_TOKENS = 4096
 """At most this many positions (own tokens and padding) in one prefill forward: bounds its memory."""
 PREFILL_SLACK = 1.15
@@ -440,12 +439,14 @@ class ContinuousDecoder:
         shortest = min(len(p) for p in prompts) - 1
         best: tuple[int, list[tuple[Any, Any]] | None] = (0, None)
         with _PREFIX_LOCK:
+            used = None
             for (key, tokens), kv in _PREFIXES.items():
                 if key != self.model_key or len(tokens) > shortest or len(tokens) <= best[0]:
                     continue
                 if all(tuple(p[: len(tokens)]) == tokens for p in prompts):
-                    best = (len(tokens), kv)
-                    _PREFIXES.move_to_end((key, tokens))
+                    best, used = (len(tokens), kv), (key, tokens)
+            if used is not None:
+                _PREFIXES.move_to_end(used)
         if n >= MIN_SHARED_PREFIX and n > best[0] + MIN_SHARED_PREFIX // 2:
             tokens = tuple(prompts[0][:n])
             kv = self._compute_prefix(list(tokens))
@@ -465,7 +466,10 @@ class ContinuousDecoder:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
         cache = _slab_cache(self.n_layers)
         with torch.inference_mode():
-            (self._base or self.model)(input_ids=ids, **{self._cache_kw: cache}, use_cache=True)
+            if self._base is not None:
+                self._base(input_ids=ids, **{self._cache_kw: cache}, use_cache=True)
+            else:
+                self.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
         return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
 
     # ------------------------------------------------------------------ the loop
@@ -479,7 +483,13 @@ class ContinuousDecoder:
     ) -> DecodeStats:
 
         stats = DecodeStats(requests=len(requests), prompt_tokens=sum(len(p) for p in prompts))
-        p_len, prefix = self._prefix(prompts, stats)
+        if not requests:
+            return stats
+        try:
+            p_len, prefix = self._prefix(prompts, stats)
+        except Exception:  # no shared prefix is slower, never wrong
+            log.exception("computing the shared prompt prefix failed; prefilling whole prompts")
+            p_len, prefix = 0, None
         self._prefix_kv = prefix
         stats.shared_prefix_tokens = p_len
         # shortest own part first: joiners of similar length prefill together with little padding
@@ -504,16 +514,17 @@ class ContinuousDecoder:
                     logits, cache, mask = self._prefill(rows, p_len, prefix, stats)
                     for r, row_logits in zip(rows, logits, strict=True):
                         self._choose(r, row_logits)
+                    alive = [(j, r) for j, r in enumerate(rows) if not r.done]
+                    if alive:
+                        batch.add(alive, cache, mask)
                 except Exception as exc:  # one failed prefill must not lose the other requests
                     log.exception("prefill failed for %d request(s)", len(rows))
+                    batch.rows = [None if any(br is r for r in rows) else br for br in batch.rows]
                     fail(rows, exc)
                     continue
                 for r in rows:
                     if r.done:
                         finish(r)
-                alive = [(j, r) for j, r in enumerate(rows) if not r.done]
-                if alive:
-                    batch.add(alive, cache, mask)
                 continue
             if not waiting and len(batch.free()) >= max(1, batch.slots // 4):
                 batch.compact()  # the queue is empty: stop computing rows for free slots
@@ -621,29 +632,67 @@ class ContinuousDecoder:
                     scores = scores.clone()
                     scores[banned] = float("-inf")
         if req.temperature > 0:
-            token = _sample(scores, req.temperature, 0.95, r.generator)
+            token = _sample(scores, req.temperature, 0.95, 50, r.generator)
         else:
             token = int(torch.argmax(scores))
         r.generated.append(token)
         if token in self.stop_ids or len(r.generated) >= req.max_new_tokens:
             r.done = True
         elif req.stop:
-            text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
-            r.done = any(s in text for s in req.stop)
+            r.done = self._hits_stop(r)
+
+    def _hits_stop(self, r: _Row) -> bool:
+        """A stop string ends inside the generated text; like `generate`'s stop-string check, the prompt's
+        last tokens count as the text before it (a prompt ending in "\n" stops at a first "\n" for "\n\n")."""
+        if len(r.generated) <= STOP_WINDOW:
+            before = self.tokenizer.decode(r.prompt[-4:])
+            text = before + self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        else:
+            before, text = "", self.tokenizer.decode(r.generated[-STOP_WINDOW:], skip_special_tokens=True)
+        return any(text.find(s, max(0, len(before) - len(s) + 1)) != -1 for s in r.request.stop)
 
     def _result(self, r: _Row) -> GenerationResult:
         gen = r.generated
         n = 0
         while n < len(gen) and gen[n] not in self.stop_ids:
             n += 1
-        text = self.tokenizer.decode(gen[:n], skip_special_tokens=True)
-        for s in r.request.stop:
-            pos = text.find(s)
-            if pos != -1:
-                text = text[:pos]
+        text = cut_at_stop(self.tokenizer.decode(gen[:n], skip_special_tokens=True), r.request.stop)
         return GenerationResult(
             text=r.request.assistant_prefix + text, prompt_tokens=len(r.prompt), completion_tokens=len(gen)
         )
+
+
+_GENERATION_EXTRAS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "min_new_tokens",
+    "sequence_bias",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+)
+
+
+def unsupported_reason(config: Any, generation_config: Any) -> str | None:
+    """Why this model cannot take the continuous path (so the backend uses `generate`), or None: its
+    attention must be the plain causal kind `shared_prefix_attention` implements, and its generation
+    config must not ask `generate` for processors this loop does not apply (the paths must agree)."""
+    kind = getattr(config, "model_type", None)
+    if kind not in _PLAIN_HEAD_FAMILIES:
+        return f"model type {kind!r} is not one the continuous path is checked on ({sorted(_PLAIN_HEAD_FAMILIES)})"
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+        return "the model uses sliding-window attention"
+    if kind == "mistral" and getattr(config, "sliding_window", None):
+        return "the model uses sliding-window attention"
+    neutral = {"repetition_penalty": 1.0}
+    for name in _GENERATION_EXTRAS:
+        value = getattr(generation_config, name, None)
+        if value not in (None, 0, [], neutral.get(name)):
+            return f"its generation config sets {name}={value!r}"
+    return None
 
 
 _PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
@@ -667,11 +716,14 @@ def _plain_head(model: Any) -> tuple[Any, Any]:
     return base, head.weight
 
 
-def _sample(scores: Any, temperature: float, top_p: float, generator: Any) -> int:
-    """Temperature then nucleus sampling, as `generate` warps them, from the row's own generator."""
+def _sample(scores: Any, temperature: float, top_p: float, top_k: int, generator: Any) -> int:
+    """Temperature, top-k (generate's default 50), then nucleus sampling, from the row's own generator."""
     import torch
 
     logits = scores / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     sorted_logits, order = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove = cumulative <= (1 - top_p)

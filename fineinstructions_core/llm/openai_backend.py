@@ -56,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .base import GenerationRequest, GenerationResult, ProgressFn, ResultFn
+from .base import GenerationRequest, GenerationResult, ProgressFn, ResultFn, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +390,7 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             snippet = body[:300].decode("utf-8", "replace")
             return GenerationResult("", error=f"BadResponse: {type(exc).__name__}: {exc}: {snippet}")
-        text = _cut_at_stop(text or "", request.stop)
+        text = cut_at_stop(text or "", request.stop)
         prefix = request.assistant_prefix
         # In chat mode the server never saw the prefix; do not double it if the model wrote it itself.
         if not (not self.tokenizer_path and prefix and text.startswith(prefix)):
@@ -412,12 +412,3 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cut = len(text)
-    for s in stops:
-        pos = text.find(s) if s else -1
-        if pos != -1:
-            cut = min(cut, pos)
-    return text[:cut]

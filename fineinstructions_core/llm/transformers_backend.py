@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TRANSFORMERS_DECODE_PATHS as DECODE_PATHS
-from .base import GenerationRequest, GenerationResult, ProgressFn, ResultFn
+from .base import GenerationRequest, GenerationResult, ProgressFn, ResultFn, cut_at_stop
 from .constraints import Constraint, build_constraint
-from .continuous import ATTENTION, ContinuousDecoder, DecodeStats, register_attention
+from .continuous import (
+    ATTENTION,
+    ContinuousDecoder,
+    DecodeStats,
+    register_attention,
+    unsupported_reason,
+)
 from .models import resolve_llm
 
 log = logging.getLogger(__name__)
@@ -116,7 +122,25 @@ class TransformersBackend:
     def identity(self) -> str:
         return self._identity
 
+    def describe(self) -> str:
+        """What runs the requests, for the stage's log: the decode path, its rows and the threads."""
+        import torch
+
+        where = "GPU" if torch.cuda.is_available() else f"{available_cores()} CPU thread(s), the cores available"
+        return f"transformers ({self.decode} decoding, {self.batch_size} rows at once, {where})"
+
     def _ensure(self) -> tuple[Any, Any]:
+        if self._model is None and self.decode == "continuous":
+            from transformers import AutoConfig, GenerationConfig
+
+            try:
+                generation = GenerationConfig.from_pretrained(self.path)
+            except OSError:  # no generation_config.json: transformers' defaults
+                generation = GenerationConfig()
+            reason = unsupported_reason(AutoConfig.from_pretrained(self.path), generation)
+            if reason:
+                log.warning("%s: continuous decoding is off, using generate (%s)", self.model_name, reason)
+                self.decode = "generate"
         if self._model is None:
             self._tokenizer, self._model = _load(self.path, ATTENTION if self.decode == "continuous" else "sdpa")
         return self._tokenizer, self._model
@@ -136,9 +160,9 @@ class TransformersBackend:
         progress: ProgressFn | None = None,
         on_result: ResultFn | None = None,
     ) -> list[GenerationResult]:
+        tokenizer, _ = self._ensure()  # may turn continuous decoding off for this model
         if self.decode == "continuous":
             return self._generate_continuous(requests, progress, on_result)
-        tokenizer, _ = self._ensure()
         prompts = [self.render(r) for r in requests]
         lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
         # Similar lengths batch together, so padding wastes little compute.
@@ -178,6 +202,10 @@ class TransformersBackend:
         results: list[GenerationResult | None] = [None] * len(requests)
         constraints: list[Constraint | None] = []
         for i, r in enumerate(requests):
+            if r.max_new_tokens <= 0:
+                results[i] = GenerationResult(r.assistant_prefix, prompt_tokens=len(prompts[i]))
+                constraints.append(None)
+                continue
             try:
                 constraints.append(build_constraint(r.constraint, tokenizer, tokenizer.eos_token_id))
             except Exception as exc:  # a grammar that cannot be built fails its own request only
@@ -244,7 +272,7 @@ class TransformersBackend:
             while n < len(gen) and gen[n] not in (tokenizer.eos_token_id, tokenizer.pad_token_id):
                 n += 1
             text = tokenizer.decode(gen[:n], skip_special_tokens=True)
-            text = _cut_at_stop(text, req.stop)
+            text = cut_at_stop(text, req.stop)
             results.append(
                 GenerationResult(
                     text=req.assistant_prefix + text,
@@ -253,12 +281,3 @@ class TransformersBackend:
                 )
             )
         return results
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cut = len(text)
-    for s in stops:
-        pos = text.find(s)
-        if pos != -1:
-            cut = min(cut, pos)
-    return text[:cut]
