@@ -81,13 +81,18 @@ def _wait_for_new_answers(data: Path, before: int, cli: Cli, timeout: float = 90
             raise AssertionError(f"the run ended before answering anything:\n{cli.text()}")
         if time.monotonic() > deadline:
             raise AssertionError("no new answer reached the request cache")
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
-def _small_project(root: Path, **over) -> Path:
-    project = make_tiny_project(root, queries=3, docs=1)
+def _small_project(root: Path, docs: int = 1, rows: int | None = None, **over) -> Path:
+    """`rows`: decode one (or a few) requests at a time, so a stage with several requests is still
+    generating after its first answer is cached (continuous batching finishes a small batch at once)."""
+    project = make_tiny_project(root, queries=3, docs=docs)
     cfg = yaml.safe_load(project.read_text())
     cfg["matching"]["max_templates"] = 2
+    if rows is not None:
+        for stage in ("genericize", "instantiate", "judge"):
+            cfg["model_profiles"]["embedded"][stage]["batch_size"] = rows
     cfg["corpora"] = [c for c in cfg["corpora"] if c["name"] == "debian"]
     for key, value in over.items():
         cfg[key] = value
@@ -109,11 +114,12 @@ def _accounting_balanced(data: Path) -> bool:
 
 
 def test_sigkill_during_each_llm_stage_then_rerun_loses_nothing(tmp_path: Path, home: Path):
-    project = _small_project(tmp_path)
+    project = _small_project(tmp_path, docs=2, rows=1)
     data = project.parent / "data"
     for stage in ("genericize", "instantiate", "judge"):
         cli = Cli(project, home, "run")
-        cli.wait_for(rf"{stage}: 0/\d+ requests")
+        total = int(cli.wait_for(rf"{stage}: 0/(\d+) requests").group(1))
+        assert total >= 2, f"{stage} has {total} request(s): too few to be killed between two answers"
         _wait_for_new_answers(data, len(_cache_rows(data)), cli)
         cli.kill9()
         if stage != "genericize":
