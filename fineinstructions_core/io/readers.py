@@ -38,7 +38,7 @@ import gzip
 import json
 import lzma
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -548,17 +548,11 @@ def _columnar_batches(
     if fmt == "parquet":
         yield from _parquet_batches(path, rel, fields, start, stop)
         return
-    index = 0
+    cursor = _Cursor(0)
     try:
-        for batch in _arrow_batches(path):
-            n = batch.num_rows
-            if index + n > start and index < stop:
-                lo, hi = max(start - index, 0), min(stop - index, n)
-                yield index + lo, _batch_values(batch.slice(lo, hi - lo), fields)
-            index += n
-            if index >= stop:
-                return
+        yield from _window(_arrow_batches(path), cursor, start, stop, fields)
     except _ArrowDamage as err:
+        index = cursor.index
         if start <= index < stop:
             what = "ends before the end of its data" if err.truncated else "cannot be read"
             yield Rejected(
@@ -569,6 +563,27 @@ def _columnar_batches(
                 f"record {index} and any after it are lost",
                 "",
             )
+
+
+@dataclass
+class _Cursor:
+    """The row number of the next batch's first row, readable after a batch fails to decode."""
+
+    index: int
+
+
+def _window(
+    batches: Iterable[Any], cursor: _Cursor, lo: int, hi: int, fields: dict[str, str]
+) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+    """The rows [lo, hi) of consecutive batches, as (first row number, values); stops after row hi - 1."""
+    for batch in batches:
+        m = batch.num_rows
+        if cursor.index + m > lo and cursor.index < hi:
+            a, b = max(lo - cursor.index, 0), min(hi - cursor.index, m)
+            yield cursor.index + a, _batch_values(batch.slice(a, b - a), fields)
+        cursor.index += m
+        if cursor.index >= hi:
+            return
 
 
 def _is_parquet(path: Path) -> bool:
@@ -607,19 +622,13 @@ def _row_groups(
         n = meta.row_group(rg).num_rows
         lo, hi = max(start, rg_start), min(stop, rg_start + n)
         if lo < hi:
-            index = rg_start
+            cursor = _Cursor(rg_start)
             try:
                 # One thread: the work is mostly Python's; a pool only adds start-up and contention.
                 batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=columns, use_threads=False)
-                for batch in batches:
-                    m = batch.num_rows
-                    if index + m > lo and index < hi:
-                        a, b = max(lo - index, 0), min(hi - index, m)
-                        yield index + a, _batch_values(batch.slice(a, b - a), fields)
-                    index += m
-                    if index >= hi:
-                        break
+                yield from _window(batches, cursor, lo, hi, fields)
             except _COLUMNAR_ERRORS as exc:
+                index = cursor.index
                 chunk = meta.row_group(rg).column(0)
                 offset = chunk.dictionary_page_offset or chunk.data_page_offset
                 detail = (
