@@ -89,7 +89,7 @@ def machine_rates() -> dict[str, float]:
     return {"bandwidth_gb_s": round(bandwidth, 1), "matmul_gflop_s": round(gflops, 1)}
 
 
-def limits(backend: TransformersBackend, stage: str, new: dict[str, float], rates: dict[str, float]) -> dict:
+def limits(backend: TransformersBackend, rates: dict[str, float]) -> dict:
     """How far the continuous path is from the limits, from its own decode statistics."""
     stats = backend.last_stats
     model = backend._ensure()[1]
@@ -158,7 +158,7 @@ def main() -> None:
             "continuous": after,
             "speedup": round(before["seconds"] / after["seconds"], 2),
             "same_texts": same,
-            "limits": limits(new, stage, after, rates),
+            "limits": limits(new, rates),
         }
         report["stages"][stage] = row
         print(stage, json.dumps(row), flush=True)

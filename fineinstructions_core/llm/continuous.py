@@ -412,19 +412,27 @@ class ContinuousDecoder:
         self.n_layers = model.config.get_text_config().num_hidden_layers
         self.stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
         self._base, self._head = _plain_head(model)
-        self._prefix_kv: list[tuple[Any, Any]] | None = None
         # transformers 5.x renamed the decoder's `past_key_values` argument to `cache`
         forward = inspect.signature((self._base or model).forward).parameters
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
         if model.config._attn_implementation != ATTENTION:
             raise ValueError(f"the continuous decoder needs a model loaded with attn_implementation={ATTENTION!r}")
 
-    def _logits(self, **inputs: Any) -> Any:
-        """Next-token logits at each row's last position. For the decoder families whose output layer is
-        a plain bias-free projection, the projection is computed as W @ h^T: MKL runs that shape twice as
-        fast as `linear`'s h @ W^T at a few rows (the output layer is a fifth of a decode step)."""
+    def _logits(self, ids: Any, mask: Any, positions: Any, cache: Any, prefix: list[tuple[Any, Any]] | None) -> Any:
+        """One forward over `cache` (filling it) and the next-token logits at each row's last position. For
+        the decoder families whose output layer is a plain bias-free projection, the projection is computed
+        as W @ h^T: MKL runs that shape twice as fast as `linear`'s h @ W^T at a few rows (the output layer
+        is a fifth of a decode step)."""
         import torch
 
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            self._cache_kw: cache,
+            "use_cache": True,
+            "shared_prefix": prefix,
+        }
         if self._head is None:
             return self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
         hidden = self._base(**inputs).last_hidden_state[:, -1, :]
@@ -490,7 +498,6 @@ class ContinuousDecoder:
         except Exception:  # no shared prefix is slower, never wrong
             log.exception("computing the shared prompt prefix failed; prefilling whole prompts")
             p_len, prefix = 0, None
-        self._prefix_kv = prefix
         stats.shared_prefix_tokens = p_len
         # shortest own part first: joiners of similar length prefill together with little padding
         waiting = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
@@ -529,7 +536,7 @@ class ContinuousDecoder:
             if not waiting and len(batch.free()) >= max(1, batch.slots // 4):
                 batch.compact()  # the queue is empty: stop computing rows for free slots
             try:
-                self._step(batch, stats)
+                self._step(batch, prefix, stats)
             except Exception as exc:  # the rows in flight fail; the ones still waiting go on
                 log.exception("decode step failed for %d request(s)", batch.active())
                 fail([r for r in batch.rows if r is not None], exc)
@@ -571,20 +578,13 @@ class ContinuousDecoder:
             positions[j, pad:] = torch.arange(p_len, p_len + len(o), device=device)
         cache = _slab_cache(self.n_layers)
         with torch.inference_mode():
-            logits = self._logits(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                **{self._cache_kw: cache},
-                use_cache=True,
-                shared_prefix=prefix,
-            )
+            logits = self._logits(ids, mask, positions, cache, prefix)
         stats.prefilled_tokens += sum(len(o) for o in own)
         stats.padded_tokens += k * width - sum(len(o) for o in own)
         stats.prefill_seconds += time.perf_counter() - started
         return logits, cache, mask
 
-    def _step(self, batch: _Batch, stats: DecodeStats) -> None:
+    def _step(self, batch: _Batch, prefix: list[tuple[Any, Any]] | None, stats: DecodeStats) -> None:
         import torch
 
         started = time.perf_counter()
@@ -594,14 +594,7 @@ class ContinuousDecoder:
         positions = torch.tensor([[r.position if r else 0] for r in batch.rows], dtype=torch.long, device=device)
         mask = batch.attention_mask()
         with torch.inference_mode():
-            logits = self._logits(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                **{self._cache_kw: batch.cache},
-                use_cache=True,
-                shared_prefix=self._prefix_kv,
-            )
+            logits = self._logits(ids, mask, positions, batch.cache, prefix)
         for r, row_logits in zip(batch.rows, logits, strict=True):
             if r is not None:
                 r.position += 1
