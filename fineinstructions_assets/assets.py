@@ -32,6 +32,8 @@ from fineinstructions_core.stage_base import StageResult
 from .partitions import PARTITIONS, active_partitions
 from .resources import FineInstructionsResource
 
+MARKDOWN_EXTRAS = ("loss_curve", "comparison_table", "comparison_plot", "dataset_card")
+
 
 def check_specs(name: str) -> list[AssetCheckSpec]:
     key = AssetKey(name)
@@ -129,8 +131,8 @@ def _report(
         for k in ("cache_hits", "cache_misses", "errors", "prompt_tokens", "completion_tokens"):
             metadata[f"llm_{k}"] = MetadataValue.int(int(result.llm.get(k) or 0))
     for k, v in result.extra.items():
-        if k == "loss_curve":
-            metadata[k] = MetadataValue.md(v)  # an SVG plot, rendered in the asset's metadata
+        if k in MARKDOWN_EXTRAS:
+            metadata[k] = MetadataValue.md(v)  # a table or an SVG plot, rendered in the asset's metadata
         elif k != "llm" and v is not None:
             metadata[k] = MetadataValue.json(v) if isinstance(v, dict | list) else v
     if "similarity" in result.output.columns and len(result.output):

@@ -130,6 +130,7 @@ class QuerySource:
     text_column: Int = Field(0, ge=0)
     # first_user: text_field names a list of chat messages and the query is the first user turn
     turn: Literal["first_user"] | None = None
+    license: Str | None = None  # stated in the exported dataset's card
 
     def files(self, root: Path) -> list[Path]:
         paths = _glob(root, self.path)
@@ -148,6 +149,7 @@ class Corpus:
     title_field: Str | None = None
     metadata: list[Str] = Field(default_factory=list)  # fields carried into the lake: url, language, ...
     shard_size: Int | None = Field(None, ge=1)
+    license: Str | None = None  # stated in the exported dataset's card
 
     def files(self, root: Path) -> list[Path]:
         paths = _glob(root, self.path)
@@ -175,6 +177,7 @@ class TemplateSource:
     id_column: Str | None = None  # the bank's own template id, kept for lineage
     query_column: Str | None = None  # the query a template came from, when the bank has it
     metadata: list[Str] | None = None  # more columns kept with each template
+    license: Str | None = None  # stated in the exported dataset's card
 
     def files(self, root: Path) -> list[Path]:
         return _glob(root, self.path)
@@ -268,6 +271,46 @@ class TrainingSettings:
     checkpoint_every: Int = Field(50, ge=1)
     max_steps: Int | None = Field(None, ge=1)
     time_budget_s: Float | None = Field(None, gt=0)
+
+
+@settings(frozen=True, config=_SECTION)
+class PretrainingSettings:
+    """Continued pre-training of a base causal LM, once on the training corpus (`trained_model`) and once on
+    the raw text of the same documents (`baseline_model`), with the same settings and number of tokens."""
+
+    base_model: Str = EMBEDDED_LLM  # the embedded model, a Hugging Face id or a local directory
+    seed: Int = 0
+    sequence_length: Int = Field(256, ge=16)  # texts are packed, separated by EOS, into blocks this long
+    token_budget: Int | None = Field(None, ge=16)  # None: the training corpus's own token count
+    batch_size: Int = Field(8, ge=1)
+    lr: Float = Field(1e-4, gt=0)
+    heldout_documents: Float = Field(0.1, ge=0, lt=1)  # share of documents kept out for held-out loss
+    checkpoint_every: Int = Field(50, ge=1)
+    time_budget_s: Float | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@settings(frozen=True, config=_SECTION)
+class ComparisonSettings:
+    """What `model_comparison` asks the base, baseline and trained models."""
+
+    # Closed-book questions about the trained documents (never a query source: decontamination keeps them
+    # out). `document_field` holds the document's own id (the corpus's id_field); `answers_field` a list of
+    # gold answers. Without gold answers the reference is the document's sentence that shares most words
+    # with the question (its evidence sentence).
+    knowledge_questions: Str | None = None
+    question_field: Str = "question"
+    document_field: Str = "pid"
+    answers_field: Str = "answers"
+    max_questions: Int = Field(64, ge=1)
+    # Real prompts no query source used (prompts a query source read are excluded, and counted).
+    instruction_prompts: Str | None = None
+    prompt_field: Str = "prompt"
+    max_prompts: Int = Field(24, ge=1)
+    max_prompt_chars: Int = Field(1500, ge=1)  # longer prompts are counted out (prompt_too_long)
+    max_new_tokens: Int = Field(64, ge=1)
+    batch_size: Int = Field(8, ge=1)
+    seed: Int = 0
 
 
 @settings(frozen=True, config=_SECTION)
@@ -396,6 +439,8 @@ class ProjectSettings:
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     distillation: DistillationSettings = Field(default_factory=DistillationSettings)
+    pretraining: PretrainingSettings = Field(default_factory=PretrainingSettings)
+    comparison: ComparisonSettings = Field(default_factory=ComparisonSettings)
     model_profile: Str = "embedded"
     model_cache_dir: Str | None = None
 
@@ -469,6 +514,14 @@ class Config:
     @property
     def distillation(self) -> DistillationSettings:
         return self.settings.distillation
+
+    @property
+    def pretraining(self) -> PretrainingSettings:
+        return self.settings.pretraining
+
+    @property
+    def comparison(self) -> ComparisonSettings:
+        return self.settings.comparison
 
     @property
     def profile_name(self) -> str:
@@ -596,6 +649,28 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _with_base(raw: dict[str, Any], path: Path, seen: list[Path]) -> dict[str, Any]:
+    """`base: other.yaml` (relative to this file): that file's settings with this one's merged over them,
+    so an experiment states only what it changes. Paths stay relative to the file that was loaded."""
+    name = raw.pop("base", None)
+    if name is None:
+        return raw
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: base must be the path of another config file, not {name!r}")
+    base_path = (path.parent / name).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: base {name!r} leads back to {base_path} (a cycle)")
+    if not base_path.exists():
+        raise ConfigError(f"{path}: base config {base_path} not found")
+    try:
+        base = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"base config {base_path} is not valid YAML: {exc}") from exc
+    if not isinstance(base, dict):
+        raise ConfigError(f"base config {base_path} must hold a mapping at the top level")
+    return _deep_merge(_with_base(base, base_path, [*seen, base_path]), raw)
+
+
 def default_config_path() -> Path:
     env = os.environ.get("FI_CONFIG")
     if env:
@@ -613,6 +688,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = _with_base(raw, path, [path.resolve()])
     raw = _deep_merge(raw, overrides or {})
     if os.environ.get("FI_SCALE"):
         raw["scale"] = os.environ["FI_SCALE"]

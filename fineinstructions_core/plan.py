@@ -165,7 +165,9 @@ def run_stage(
     spec = registry[asset]
     sig = signature(cfg, asset, partition, sources, shards, registry)
     started = time.perf_counter()
-    ctx = StageContext(cfg, spec.name, spec.contract.unit, partition, list(sources), list(shards), logger)
+    ctx = StageContext(
+        cfg, spec.name, spec.contract.unit, partition, list(sources), list(shards), logger, registry.ancestors(asset)
+    )
     result = spec.compute(ctx)
     result.accounting.extra["signature"] = sig
     result.accounting.extra["seconds"] = round(time.perf_counter() - started, 3)

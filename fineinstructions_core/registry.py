@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import distill, distill_stages, stages
+from . import distill, distill_stages, stages, training_stages
 from .config import Config, plain
 from .shards import get_shard
 from .stage_base import StageContext, StageResult
@@ -137,6 +137,14 @@ class Registry:
                 out.append(spec.name)
         return out
 
+    def ancestors(self, name: str) -> list[str]:
+        """Every stage `name` depends on, directly or not (graph edges only), in registry order."""
+        found = set(self[name].upstream)
+        for spec in reversed(list(self)):
+            if spec.name in found:
+                found |= set(spec.upstream)
+        return [s for s in self.names() if s in found]
+
     def run_segments(self, include_on_demand: bool = False) -> list[tuple[Partitioning, list[str]]]:
         """The order a full run takes: consecutive stages of one partitioning form a chain run per
         partition (one Dagster run each); every unpartitioned stage is its own step, so a stage that
@@ -189,6 +197,23 @@ def _shard_inputs(cfg: Config, partition: str) -> Inputs:
 def _threshold_inputs(cfg: Config, partition: str) -> Inputs:
     path = cfg.threshold_file()
     return Inputs(files=(path,) if path is not None else ())
+
+
+def _baseline_inputs(cfg: Config, partition: str) -> Inputs:
+    """The baseline reads the documents the training corpus names; their ids are content ids (corpus,
+    key, text), so the corpus alone decides its input and a new shard whose pairs were all rejected
+    leaves it fresh."""
+    return Inputs(reads=("training_corpus",))
+
+
+def _comparison_inputs(cfg: Config, partition: str) -> Inputs:
+    """The question and prompt files; the queries the sources read (their prompts are excluded); the
+    trained documents, as the training corpus names them (see `_baseline_inputs`)."""
+    c = cfg.comparison
+    return Inputs(
+        files=tuple(cfg.path(p) for p in (c.knowledge_questions, c.instruction_prompts) if p),
+        reads=("trained_model", "baseline_model", "training_corpus", "raw_queries"),
+    )
 
 
 def _seed_file(name: str) -> InputsFn:
@@ -338,6 +363,48 @@ STAGES = (
         "training",
         "Token-budgeted 'Instruction: ...\\n\\nAnswer: ...' texts, exported as Parquet and JSONL.",
         reads=("document_index",),
+    ),
+    # The controlled comparison (the paper's claim): the same base, settings and number of tokens, trained
+    # on the judged pairs and on the raw text of their documents, then asked the same questions.
+    StageSpec(
+        "trained_model",
+        N,
+        ("training_corpus",),
+        ("pretraining",),
+        training_stages.trained_model,
+        Contract("model_id", training_stages.MODEL_COLUMNS, "pairs", 0.9),
+        "training",
+        "The base LM continued-pretrained on the training corpus's texts, packed, loss on every token "
+        "(tokens seen, loss curves, tokens/s).",
+        pool="training",
+    ),
+    StageSpec(
+        "baseline_model",
+        N,
+        ("training_corpus",),
+        ("pretraining",),
+        training_stages.baseline_model,
+        Contract("model_id", training_stages.MODEL_COLUMNS, "documents", 0.9),
+        "training",
+        "The control: the same base, settings and number of tokens on the raw text of the documents the "
+        "pairs came from.",
+        pool="training",
+        reads=("documents",),
+        inputs=_baseline_inputs,
+    ),
+    StageSpec(
+        "model_comparison",
+        N,
+        ("trained_model", "baseline_model"),
+        ("comparison", "pretraining", "judge", "profile.judge"),
+        training_stages.model_comparison,
+        Contract("model_id", training_stages.COMPARISON_COLUMNS, "items", 0.3),
+        "training",
+        "Base vs baseline vs trained: closed-book questions about the trained documents (answer "
+        "log-likelihood, F1, EM) and judged answers to prompts no query source used (score, win rate).",
+        pool="llm",
+        reads=("training_corpus", "documents", "raw_queries"),
+        inputs=_comparison_inputs,
     ),
     # The distillation loop's settings are the teacher profile's, never the active one's (its inputs,
     # query_set and template_matches, are what the pipeline made).

@@ -47,6 +47,7 @@ class StageContext:
     sources: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     logger: Logger = log.info
+    ancestors: list[str] = field(default_factory=list)  # every stage upstream of this one, in run order
 
     @property
     def lake(self) -> Lake:

@@ -14,11 +14,12 @@ import time
 import numpy as np
 import pandas as pd
 
-from . import budget, genericize, instantiate, judge, match
+from . import budget, genericize, instantiate, judge, match, sft_export
 from .embed import Embedder
 from .ids import content_id
 from .index import build_index_from_batches, describe_index, load_index, resolve_factory, save_index, search
-from .io.lake import Lake
+from .io.catalog import stats
+from .io.lake import UNPARTITIONED, Lake
 from .io.readers import Record, Rejected, read_corpus_records, read_query_source
 from .llm_requests import genericize_requests, instantiation_requests, judge_request
 from .queries import Decontaminator, build_query_set, load_eval_questions, load_unsafe_patterns
@@ -336,12 +337,25 @@ def training_corpus(ctx: StageContext) -> StageResult:
     tmp = export_dir / ".training_corpus.jsonl.tmp"
     exported.to_json(tmp, orient="records", lines=True, force_ascii=False)
     tmp.replace(export_dir / "training_corpus.jsonl")
+    sft_dir = sft_export.write_sft_dataset(out, export_dir / "training_corpus_sft", _card(ctx, len(out)))
     return ctx.finish(
         out.drop(columns=["accepted"], errors="ignore"),
         rej.drop(columns=["accepted"], errors="ignore"),
         len(judged),
         tokens=int(out["tokens"].sum()) if len(out) else 0,
-        exports=[str(export_dir / "training_corpus" / "train.parquet"), str(export_dir / "training_corpus.jsonl")],
+        exports=[
+            str(export_dir / "training_corpus" / "train.parquet"),
+            str(export_dir / "training_corpus.jsonl"),
+            str(sft_dir),
+        ],
     )
+
+
+def _card(ctx: StageContext, rows: int) -> str:
+    """The SFT dataset's card, with the accounting of every stage upstream of the training corpus."""
+    upstream = ctx.ancestors
+    keys = set(ctx.sources) | set(ctx.shards) | {UNPARTITIONED}
+    records = [r for r in ctx.lake.all_accounting() if r["partition"] in keys and r["asset"] in upstream]
+    return sft_export.dataset_card(ctx.cfg, rows, stats(records, upstream))
 
 

@@ -163,9 +163,11 @@ def _optimize(
     started: float,
     label: str,
     logger: Logger,
+    eval_every: int | None = None,
 ) -> bool:
-    """The training loop both trainers share: resume, seeded epoch order, linear warmup and decay,
-    clipping, held-out loss per epoch, checkpoints. False when the time budget stopped it early."""
+    """The training loop every trainer shares: resume, seeded epoch order, linear warmup and decay,
+    clipping, held-out loss per epoch (and every `eval_every` steps), checkpoints. False when the time
+    budget stopped it early."""
     import torch
 
     step = 0
@@ -196,7 +198,7 @@ def _optimize(
         step += 1
         report.steps = step
         report.losses.append((step, round(loss.item(), 4)))
-        if step % steps_per_epoch == 0 or step == total:
+        if step % steps_per_epoch == 0 or step == total or (eval_every and step % eval_every == 0):
             report.eval_losses.append((step, round(eval_loss(), 4)))
         if checkpoint_every and step % checkpoint_every == 0 and step < total:
             ckpt.save(model, optimizer, step, report)

@@ -74,6 +74,15 @@ def make_tiny_project(root: Path, queries: int = 6, docs: int = 2) -> Path:
     base["query_filters"]["eval_sets"] = ["eval.jsonl"]
     base["matching"]["target_complexity_sources"] = ["nq"]
     base["matching"]["threshold"] = 0.0  # every document gets templates, so later stages always have work
+    # The training assets at their smallest: short blocks (a tiny corpus fills few) and a few questions.
+    base["pretraining"].update(sequence_length=32, batch_size=4)
+    base["comparison"].update(
+        knowledge_questions=str(SAMPLE / "eval" / "squad_v2_half_questions.jsonl"),
+        instruction_prompts=str(SAMPLE / "queries" / "arena_hard_v0.1.jsonl"),
+        max_questions=2,
+        max_prompts=2,
+        max_new_tokens=12,
+    )
     for stage in ("genericize", "instantiate", "judge"):
         base["model_profiles"]["embedded"][stage]["max_new_tokens"] = {
             "genericize": 64,

@@ -29,6 +29,9 @@ def test_graph_shape():
         "instruction_pairs",
         "judged_corpus",
         "training_corpus",
+        "trained_model",
+        "baseline_model",
+        "model_comparison",
         "silver_genericizer_examples",
         "silver_instantiation_examples",
         "genericizer_model",
@@ -40,6 +43,8 @@ def test_graph_shape():
     }
     assert deps["template_matches"] == {"document_index", "template_index"}
     assert deps["training_corpus"] == {"judged_corpus"}
+    assert deps["trained_model"] == deps["baseline_model"] == {"training_corpus"}
+    assert deps["model_comparison"] == {"trained_model", "baseline_model"}
     assert deps["genericizer_model"] == {"silver_genericizer_examples"}
     assert deps["silver_instantiation_examples"] == {"template_matches", "template_index"}
 
@@ -82,4 +87,4 @@ def test_sensor_registers_partitions_and_requests_runs(tiny_project, dagster_hom
 
 
 def test_all_assets_are_exported():
-    assert len(ALL_ASSETS) == 15  # the ten pipeline assets and the five of the distillation loop
+    assert len(ALL_ASSETS) == 18  # the thirteen pipeline assets and the five of the distillation loop

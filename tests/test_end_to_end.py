@@ -25,6 +25,13 @@ def _run(capsys, *args: str) -> str:
     return capsys.readouterr().out
 
 
+def _training_runs(before, after) -> list[str]:
+    """The training assets rerun exactly when the training corpus came out different."""
+    if before.equals(after):
+        return []
+    return [f"materializing {a}" for a in ("trained_model", "baseline_model", "model_comparison")]
+
+
 def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch):
     cfg_arg = ["--config", str(tiny_project)]
     out = _run(capsys, *cfg_arg, "run")
@@ -44,6 +51,9 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
         "instruction_pairs",
         "judged_corpus",
         "training_corpus",
+        "trained_model",
+        "baseline_model",
+        "model_comparison",
     }
     assert stages["raw_queries"]["rows_in"] == 12
     assert stages["query_set"]["rejected_by_reason"].get("too_short", 0) >= 0
@@ -77,6 +87,15 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
         assert db.execute("SELECT count(*) FROM lineage").fetchone()[0] == len(pairs)
     assert {"judged_corpus", "instruction_pairs_rejections", "lineage", "accounting"} <= views
     assert (cfg.data_dir / "exports" / "training_corpus.jsonl").exists()
+    assert (cfg.data_dir / "exports" / "training_corpus_sft" / "README.md").exists()
+    # the training assets ran on what the judge kept, with the same number of tokens each
+    trained, baseline = (Lake(cfg.lake_dir).read(a).iloc[0] for a in ("trained_model", "baseline_model"))
+    assert trained["tokens_seen"] == baseline["tokens_seen"] > 0
+    assert list(Lake(cfg.lake_dir).read("model_comparison")["model_id"]) == [
+        "base_model",
+        "baseline_model",
+        "trained_model",
+    ]
 
     # Nothing changed: nothing is materialized.
     out = _run(capsys, *cfg_arg, "run")
@@ -96,21 +115,24 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
         "centimetres apart, and support the stems with stakes as they grow.\n",
         encoding="utf-8",
     )
+    corpus_before = Lake(cfg.lake_dir).read("training_corpus")
     out = _run(capsys, *cfg_arg, "run")
     launched = [line for line in out.splitlines() if line.startswith("materializing")]
     assert launched == [
         "materializing documents, document_index, template_matches, instruction_pairs, judged_corpus [books-00001]",
         "materializing training_corpus",
-    ], out
+    ] + _training_runs(corpus_before, Lake(cfg.lake_dir).read("training_corpus")), out
 
     # Only the judge prompt changes: only judge requests are generated again, nothing upstream reruns.
     before = json.loads(_run(capsys, *cfg_arg, "stats", "--json"))["stages"]
+    corpus_before = Lake(cfg.lake_dir).read("training_corpus")
     monkeypatch.setattr(judge, "PROMPT", judge.PROMPT.replace("Please accurately evaluate", "Evaluate carefully"))
     out = _run(capsys, *cfg_arg, "run")
     launched = [line for line in out.splitlines() if line.startswith("materializing")]
     assert sorted(launched) == sorted(
         [f"materializing judged_corpus [{s}]" for s in ("debian-00000", "books-00000", "books-00001")]
         + ["materializing training_corpus"]
+        + _training_runs(corpus_before, Lake(cfg.lake_dir).read("training_corpus"))
     ), out
     final = json.loads(_run(capsys, *cfg_arg, "stats", "--json"))["stages"]
     judged = final["judged_corpus"]["llm"]

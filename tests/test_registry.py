@@ -54,7 +54,7 @@ LENGTHS = StageSpec(
 
 
 def test_registry_is_in_dependency_order_and_refuses_unknown_stages():
-    assert len(REGISTRY) == 15
+    assert len(REGISTRY) == 18
     seen: set[str] = set()
     for spec in REGISTRY:
         assert set(spec.upstream) <= seen, spec.name
@@ -63,15 +63,24 @@ def test_registry_is_in_dependency_order_and_refuses_unknown_stages():
         Registry([replace(LENGTHS, upstream=("nope",))])
     with pytest.raises(RegistryError, match="declared twice"):
         REGISTRY.with_stage(replace(LENGTHS, name="documents"))
-    assert REGISTRY.downstream("judged_corpus") == ["training_corpus"]
+    assert REGISTRY.downstream("judged_corpus") == [
+        "training_corpus",
+        "trained_model",
+        "baseline_model",
+        "model_comparison",
+    ]
+    assert REGISTRY.ancestors("model_comparison")[-3:] == ["training_corpus", "trained_model", "baseline_model"]
     chains = [c for _, c in REGISTRY.run_segments()]
     assert chains == [
         ["raw_queries", "query_set", "template_bank"],
         ["template_index"],
         ["documents", "document_index", "template_matches", "instruction_pairs", "judged_corpus"],
         ["training_corpus"],
+        ["trained_model"],
+        ["baseline_model"],
+        ["model_comparison"],
     ]
-    assert len(REGISTRY.run_segments(include_on_demand=True)) == 9
+    assert len(REGISTRY.run_segments(include_on_demand=True)) == 12
 
 
 def test_an_extra_stage_appears_in_graph_jobs_plan_signatures_and_catalog(tiny_project: Path, dagster_home: Path):
@@ -206,10 +215,10 @@ def test_signatures_follow_the_code_each_stage_runs(tiny_project: Path, tmp_path
         tmp_path, "stages.py", '"""One shard of a corpus;', '"""One shard of one corpus (edited docstring);'
     )
     assert _signatures(doc, tiny_project) == base
-    # A prompt constant the judge reads: only the judge.
+    # A prompt constant the judge reads: the judge, and the comparison that judges the models' answers.
     prompt = _edited_copy(tmp_path, "judge.py", "Strictly adhere to", "Adhere strictly to")
     changed = _signatures(prompt, tiny_project)
-    assert {k for k in base if base[k] != changed[k]} == {"judged_corpus"}
+    assert {k for k in base if base[k] != changed[k]} == {"judged_corpus", "model_comparison"}
 
 
 def test_config_sections_are_typed_and_errors_name_the_key(tiny_project: Path):
@@ -238,7 +247,7 @@ def test_config_sections_are_typed_and_errors_name_the_key(tiny_project: Path):
 def test_the_old_training_section_still_loads_as_budget(tiny_project: Path, caplog: pytest.LogCaptureFixture):
     from fineinstructions_core.config import ConfigError
 
-    text = tiny_project.read_text(encoding="utf-8").replace("budget:", "training:")
+    text = tiny_project.read_text(encoding="utf-8").replace("\nbudget:", "\ntraining:")
     tiny_project.write_text(text, encoding="utf-8")
     with caplog.at_level("WARNING"):
         cfg = load_config(tiny_project, {"training": {"budget_ratio": 0.5}})
