@@ -268,3 +268,20 @@ def test_one_default_per_setting():
         text = path.read_text(encoding="utf-8")
         assert '.get("threshold"' not in text and "cfg.raw.get(" not in text, path
         assert textwrap.dedent('.get("min_score"') not in text, path
+
+
+def test_a_config_may_name_a_base_and_state_only_what_it_changes(tiny_project: Path):
+    from fineinstructions_core.config import ConfigError
+
+    exp = tiny_project.parent / "experiment.yaml"
+    exp.write_text("base: fineinstructions.yaml\ndata_dir: exp\npretraining: {lr: 3.0e-4}\n", encoding="utf-8")
+    cfg, base = load_config(exp), load_config(tiny_project)
+    assert cfg.data_dir == tiny_project.parent / "exp" and cfg.pretraining.lr == 3.0e-4
+    assert cfg.pretraining.sequence_length == base.pretraining.sequence_length  # merged, not replaced
+    assert [c.name for c in cfg.corpora] == [c.name for c in base.corpora]
+    exp.write_text("base: experiment.yaml\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="a cycle"):
+        load_config(exp)
+    exp.write_text("base: missing.yaml\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(exp)
