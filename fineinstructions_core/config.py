@@ -309,6 +309,9 @@ class ComparisonSettings:
     max_prompts: Int = Field(24, ge=1)
     max_prompt_chars: Int = Field(1500, ge=1)  # longer prompts are counted out (prompt_too_long)
     max_new_tokens: Int = Field(64, ge=1)
+    # Every model writes at least this many tokens before it may end: a model trained on raw text ends
+    # right after `Answer:` (no training text has an answer there), and silence compares nothing.
+    min_new_tokens: Int = Field(8, ge=0)
     batch_size: Int = Field(8, ge=1)
     seed: Int = 0
 

@@ -114,8 +114,10 @@ class CausalLM:
                 out.append(float(logprobs[r, positions, target].mean()))
         return out
 
-    def greedy(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-        """Greedy continuations, cut where the next training text would begin."""
+    def greedy(
+        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, min_new_tokens: int = 0
+    ) -> list[str]:
+        """Greedy continuations of at least `min_new_tokens`, cut where the next training text would begin."""
         import torch
 
         tok = self.tokenizer
@@ -130,6 +132,7 @@ class CausalLM:
                     input_ids=enc.input_ids.to(self.device),
                     attention_mask=enc.attention_mask.to(self.device),
                     max_new_tokens=max_new_tokens,
+                    min_new_tokens=min(min_new_tokens, max_new_tokens),
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
                 )

@@ -297,8 +297,9 @@ def _ask(model_path: Path, knowledge: pd.DataFrame, prompts: pd.DataFrame, cfg: 
     k_prompts = [model_eval.prompt(q) for q in knowledge["question"]]
     refs = knowledge["references"].tolist()
     loglik = lm.answer_logprob(k_prompts, [r[0] for r in refs], c.batch_size) if len(knowledge) else []
-    k_answers = lm.greedy(k_prompts, c.max_new_tokens, c.batch_size) if len(knowledge) else []
-    i_answers = lm.greedy([model_eval.prompt(p) for p in prompts["prompt"]], c.max_new_tokens, c.batch_size)
+    k_answers = lm.greedy(k_prompts, c.max_new_tokens, c.batch_size, c.min_new_tokens) if len(knowledge) else []
+    i_prompts = [model_eval.prompt(p) for p in prompts["prompt"]]
+    i_answers = lm.greedy(i_prompts, c.max_new_tokens, c.batch_size, c.min_new_tokens)
     lm.close()
     return {"loglik": loglik, "knowledge_answers": k_answers, "instruction_answers": i_answers}
 
@@ -370,20 +371,19 @@ def model_comparison(ctx: StageContext) -> StageResult:
     asked = {role: _ask(path, knowledge, prompts, cfg, device) for role, (path, _) in models.items()}
 
     # Every model's answer to every prompt is judged; a prompt counts only where all three were scored.
+    # An empty answer does not respond to the instruction: the rubric's score 1, without asking the judge.
     roles = list(models)
-    requests = [
-        judge_request(cfg, p, asked[r]["instruction_answers"][i])
-        for r in roles
-        for i, p in enumerate(prompts["prompt"])
-    ]
+    pairs = [(r, i) for r in roles for i in range(len(prompts))]
+    to_judge = [(r, i) for r, i in pairs if asked[r]["instruction_answers"][i].strip()]
+    requests = [judge_request(cfg, prompts["prompt"].iloc[i], asked[r]["instruction_answers"][i]) for r, i in to_judge]
     results, stats = ctx.run_llm("judge", requests) if requests else ([], None)
-    scores: dict[str, list[int | None]] = {r: [] for r in roles}
-    feedback: dict[str, list[str]] = {r: [] for r in roles}
-    for n, res in enumerate(results):
-        role = roles[n // len(prompts)]
+    verdicts: dict[tuple[str, int], tuple[int | None, str]] = {(r, i): (1, "empty answer") for r, i in pairs}
+    for key, res in zip(to_judge, results, strict=True):
         parsed = None if res.error else judge.parse_output(res.text)
-        scores[role].append(parsed[0] if parsed else None)
-        feedback[role].append(parsed[1] if parsed else (res.error or res.text[:300]))
+        verdicts[key] = parsed if parsed else (None, res.error or res.text[:300])
+    scores = {r: [verdicts[(r, i)][0] for i in range(len(prompts))] for r in roles}
+    feedback = {r: [verdicts[(r, i)][1] for i in range(len(prompts))] for r in roles}
+    empty = {r: sum(not a.strip() for a in asked[r]["instruction_answers"]) for r in roles}
     judged = [i for i in range(len(prompts)) if all(scores[r][i] is not None for r in roles)]
     for i in range(len(prompts)):
         if i not in judged:
@@ -426,6 +426,7 @@ def model_comparison(ctx: StageContext) -> StageResult:
                 "tie_rate_vs_baseline": _mean([float(x == y) for x, y in zip(s, base_s, strict=True)])
                 if role != "baseline_model"
                 else None,
+                "empty_answers": empty[role] + sum(not x.strip() for x in a["knowledge_answers"]),
             }
         )
         for k, row in enumerate(knowledge.itertuples()):

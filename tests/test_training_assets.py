@@ -189,7 +189,8 @@ def test_comparison_numbers_come_from_the_models(trained_project):
     prompts = [model_eval.prompt(d["question"]) for d in knowledge]
     again = lm.answer_logprob(prompts, [d["references"][0] for d in knowledge])
     assert again == pytest.approx([d["loglik"] for d in knowledge], abs=1e-5)
-    assert lm.greedy(prompts, cfg.comparison.max_new_tokens) == [d["answer"] for d in knowledge]
+    c = cfg.comparison
+    assert lm.greedy(prompts, c.max_new_tokens, c.batch_size, c.min_new_tokens) == [d["answer"] for d in knowledge]
 
 
 def test_sft_export_loads_with_datasets(trained_project):
