@@ -22,6 +22,7 @@ import numpy as np
 from .training import TrainReport, _Checkpoint, _fingerprint, _optimize, _save_model_dir
 
 log = logging.getLogger(__name__)
+MIN_TOKENS = 16
 Logger = Callable[[str], None]
 
 
@@ -33,6 +34,7 @@ class PackedData:
     heldout: list[list[int]]
     data_tokens: int  # the training texts' own tokens (with EOS), before any repetition
     passes: float  # how many times the budget goes over the training texts
+    sequence_length: int  # the block length used: the configured one, or the whole budget when shorter
 
     @property
     def tokens(self) -> int:
@@ -66,7 +68,8 @@ def pack(
     max_heldout_blocks: int = 64,
 ) -> PackedData:
     """Blocks of `sequence_length` tokens: `token_budget` tokens (rounded down to whole blocks) of the
-    training texts, default all of them once; the held-out texts once, at most `max_heldout_blocks`."""
+    training texts, default all of them once; the held-out texts once, at most `max_heldout_blocks`
+    blocks (of the same length; a shorter remainder only when it is all there is)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the base model's tokenizer has no EOS token to separate packed texts")
@@ -77,18 +80,21 @@ def pack(
     train_enc, held_enc = encode(train_texts), encode(heldout_texts)
     data_tokens = sum(len(t) + 1 for t in train_enc)
     budget = data_tokens if token_budget is None else token_budget
-    n_blocks = budget // sequence_length
-    if n_blocks < 1 or not data_tokens:
+    if budget < MIN_TOKENS or not data_tokens:
         raise ValueError(
             f"not enough text to train on: {data_tokens} tokens of training text and a budget of {budget} "
-            f"tokens make no block of sequence_length {sequence_length}"
+            f"tokens (at least {MIN_TOKENS} are needed)"
         )
+    # A corpus smaller than one block (a demo's few pairs) trains on one block of its whole budget.
+    sequence_length = min(sequence_length, budget)
+    n_blocks = budget // sequence_length
     stream = _stream(train_enc, eos, seed, n_blocks * sequence_length)
     train = [stream[i : i + sequence_length] for i in range(0, len(stream), sequence_length)]
     held_stream = _stream(held_enc, eos, seed, sum(len(t) + 1 for t in held_enc))  # once each
     heldout = [held_stream[i : i + sequence_length] for i in range(0, len(held_stream), sequence_length)]
     heldout = [b for b in heldout if len(b) == sequence_length][:max_heldout_blocks] or heldout[:1]
-    return PackedData(train, heldout, data_tokens, round(n_blocks * sequence_length / data_tokens, 3))
+    passes = round(n_blocks * sequence_length / data_tokens, 3)
+    return PackedData(train, heldout, data_tokens, passes, sequence_length)
 
 
 def pick_device(setting: str) -> str:

@@ -90,7 +90,7 @@ def _pretrain(ctx: StageContext, train_texts: list[str], held_texts: list[str], 
     )
     device = pick_device(p.device)
     ctx.logger(
-        f"{ctx.name}: {data.tokens} tokens in {len(data.train)} blocks of {p.sequence_length} "
+        f"{ctx.name}: {data.tokens} tokens in {len(data.train)} blocks of {data.sequence_length} "
         f"({data.passes}x its {data.data_tokens} tokens of text), on {device}"
     )
     report: TrainReport = pretrain_causal_lm(
@@ -120,7 +120,7 @@ def _pretrain(ctx: StageContext, train_texts: list[str], held_texts: list[str], 
         "data_tokens": data.data_tokens,
         "passes_over_data": data.passes,
         "steps": report.steps,
-        "sequence_length": p.sequence_length,
+        "sequence_length": data.sequence_length,
         "final_train_loss": report.losses[-1][1] if report.losses else None,
         "eval_loss_before": report.eval_losses[0][1] if report.eval_losses else None,
         "eval_loss_after": report.eval_losses[-1][1] if report.eval_losses else None,

@@ -221,3 +221,30 @@ def test_heldout_documents_are_order_free():
     held = training_stages.heldout_documents(ids, 0.1, 0)
     assert held == training_stages.heldout_documents(list(reversed(ids)), 0.1, 0) and len(held) == 2
     assert training_stages.heldout_documents(["only"], 0.5, 0) == set()
+
+
+class _WordTokenizer:
+    """Word ids for the packing rules alone (the assets above use the real tokenizer)."""
+
+    eos_token_id = 0
+
+    def __call__(self, text: str, **_: object):
+        class _Enc:
+            input_ids = [len(w) for w in text.split()]
+
+        return _Enc()
+
+
+def test_packing_gives_both_corpora_the_same_tokens():
+    from fineinstructions_core.pretrain import pack
+
+    short = ["one two three", "four five"]  # 7 tokens with EOS
+    long = ["a b c d e f g h i j k l m n o p q r s t u v w x y z"] * 3  # 81 tokens
+    a = pack(short, [], _WordTokenizer(), sequence_length=16, token_budget=48, seed=0)
+    b = pack(long, [], _WordTokenizer(), sequence_length=16, token_budget=48, seed=0)
+    assert a.tokens == b.tokens == 48 and all(len(x) == 16 for x in a.train + b.train)
+    assert a.passes > 6 and b.passes < 1  # the short corpus repeats, the long one is cut
+    tiny = pack(["w " * 19], [], _WordTokenizer(), sequence_length=256, token_budget=None, seed=0)
+    assert tiny.sequence_length == tiny.tokens == 20 and len(tiny.train) == 1  # under one block: one block
+    with pytest.raises(ValueError, match="not enough text"):
+        pack(["x"], [], _WordTokenizer(), sequence_length=16, token_budget=None, seed=0)

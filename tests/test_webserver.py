@@ -51,6 +51,9 @@ query {
 """
 
 
+ASSET_NODES_QUERY = "query { assetNodes { assetKey { path } groupName } }"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -163,6 +166,12 @@ def test_partition_run_through_webserver_and_daemon(
             STARTUP_TIMEOUT_S,
             logs,
         )
+
+        # The UI's asset graph holds the training assets, in their group, beside the pipeline's.
+        nodes = requests.post(f"{url}/graphql", json={"query": ASSET_NODES_QUERY}, timeout=30).json()
+        groups = {"/".join(n["assetKey"]["path"]): n["groupName"] for n in nodes["data"]["assetNodes"]}
+        for name in ("training_corpus", "trained_model", "baseline_model", "model_comparison"):
+            assert groups.get(name) == "training", (name, groups)
 
         client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60)
         run_id = client.submit_job_execution(
