@@ -25,7 +25,7 @@ from .config import Config, plain
 from .ids import content_id
 from .llm.models import resolve_llm
 from .llm_requests import judge_request
-from .pretrain import PackedData, pack, pick_device, pretrain_causal_lm
+from .pretrain import MIN_TOKENS, PackedData, pack, pick_device, pretrain_causal_lm
 from .stage_base import StageContext, StageResult
 from .training import TrainReport, loss_curve_svg
 
@@ -53,11 +53,6 @@ def heldout_documents(document_ids: list[str], share: float, seed: int) -> set[s
 
 def _corpus(ctx: StageContext) -> tuple[pd.DataFrame, set[str]]:
     corpus = ctx.lake.read("training_corpus")
-    if corpus.empty:
-        raise ValueError(
-            "training_corpus is empty: the judge accepted no pairs, so there is nothing to train on "
-            "(see judged_corpus's rejections)"
-        )
     p = ctx.cfg.pretraining
     return corpus, heldout_documents(corpus["document_id"].tolist(), p.heldout_documents, p.seed)
 
@@ -137,11 +132,32 @@ def _pretrain(ctx: StageContext, train_texts: list[str], held_texts: list[str], 
     return {"row": row, "extras": extras}
 
 
+def _no_model(ctx: StageContext, rows: pd.DataFrame, id_column: str, why: str) -> StageResult:
+    """No model this time (the judge kept too little): an empty model table whose metadata says why,
+    each input row a rejection with that reason, so the run goes on and the accounting balances."""
+    ctx.logger(f"{ctx.name}: no model trained: {why}")
+    rej = pd.DataFrame(
+        {id_column: rows[id_column].tolist() if len(rows) else [], "reason": "too_little_text_to_train", "detail": why}
+    )
+    return ctx.finish(pd.DataFrame(columns=list(MODEL_COLUMNS)), rej, len(rows), skipped=why)
+
+
+def _too_little(corpus: pd.DataFrame, budget: int) -> str | None:
+    if corpus.empty:
+        return "the training corpus is empty: the judge accepted no pairs (see judged_corpus's rejections)"
+    if budget < MIN_TOKENS:
+        return f"the training pairs hold {budget} tokens, fewer than the {MIN_TOKENS} one block needs"
+    return None
+
+
 def trained_model(ctx: StageContext) -> StageResult:
     """The base LM continued-pretrained on the training corpus's texts (loss on every token)."""
     corpus, held = _corpus(ctx)
     _, _, tokenizer = _base(ctx.cfg)
     budget = _token_budget(ctx.cfg, corpus, held, tokenizer)
+    why = _too_little(corpus, budget)
+    if why:
+        return _no_model(ctx, corpus, "pair_id", why)
     train = corpus.loc[~corpus["document_id"].isin(held), "text"].tolist()
     heldout = corpus.loc[corpus["document_id"].isin(held), "text"].tolist()
     made = _pretrain(ctx, train, heldout, budget)
@@ -160,10 +176,15 @@ def baseline_model(ctx: StageContext) -> StageResult:
     corpus, held = _corpus(ctx)
     wanted = set(corpus["document_id"])
     docs = ctx.lake.read_all("documents", ctx.shards)
+    if docs.empty:
+        docs = pd.DataFrame(columns=["document_id", "text"])
     docs = docs[docs["document_id"].isin(wanted)].sort_values("document_id")
     missing = wanted - set(docs["document_id"])
     _, _, tokenizer = _base(ctx.cfg)
     budget = _token_budget(ctx.cfg, corpus, held, tokenizer)
+    why = _too_little(corpus, budget)
+    if why:
+        return _no_model(ctx, docs, "document_id", why)
     train = docs.loc[~docs["document_id"].isin(held), "text"].tolist()
     heldout = docs.loc[docs["document_id"].isin(held), "text"].tolist()
     made = _pretrain(ctx, train, heldout, budget)
@@ -356,6 +377,12 @@ def model_comparison(ctx: StageContext) -> StageResult:
     """The base, baseline and trained models on closed-book knowledge questions and judged prompts."""
     cfg = ctx.cfg
     corpus, held = _corpus(ctx)
+    trained, baseline = ctx.lake.read("trained_model"), ctx.lake.read("baseline_model")
+    if trained.empty or baseline.empty:
+        why = "no model to compare: trained_model or baseline_model trained nothing (see its metadata)"
+        ctx.logger(f"model_comparison: {why}")
+        empty = pd.DataFrame(columns=["kind", "item", "reason", "detail"])
+        return ctx.finish(pd.DataFrame(columns=list(COMPARISON_COLUMNS)), empty, 0, skipped=why)
     trained_docs = set(corpus["document_id"]) - held
     knowledge, rejected, other = knowledge_items(ctx, trained_docs)
     prompts, prompt_rejected = instruction_prompts(ctx)
@@ -363,8 +390,8 @@ def model_comparison(ctx: StageContext) -> StageResult:
     base_path, base_identity = resolve_llm(cfg.pretraining.base_model, cfg.cache_dir)
     models = {
         "base_model": (base_path, base_identity),
-        "baseline_model": (Path(ctx.lake.read("baseline_model")["model_dir"].iloc[0]), ""),
-        "trained_model": (Path(ctx.lake.read("trained_model")["model_dir"].iloc[0]), ""),
+        "baseline_model": (Path(baseline["model_dir"].iloc[0]), ""),
+        "trained_model": (Path(trained["model_dir"].iloc[0]), ""),
     }
     device = pick_device(cfg.pretraining.device)
     ctx.logger(f"model_comparison: {len(knowledge)} knowledge questions, {len(prompts)} prompts, 3 models on {device}")

@@ -248,3 +248,17 @@ def test_packing_gives_both_corpora_the_same_tokens():
     assert tiny.sequence_length == tiny.tokens == 20 and len(tiny.train) == 1  # under one block: one block
     with pytest.raises(ValueError, match="not enough text"):
         pack(["x"], [], _WordTokenizer(), sequence_length=16, token_budget=None, seed=0)
+
+
+def test_an_empty_training_corpus_trains_nothing_and_says_why(tmp_path):
+    """A judge that kept nothing: the training assets finish with empty tables and the reason, so the
+    rest of a run goes on (a small sample often ends this way)."""
+    from fineinstructions_core.io.lake import UNPARTITIONED
+    from fineinstructions_core.plan import run_stage
+
+    cfg = load_config(_project(tmp_path))
+    Lake(cfg.lake_dir).write("training_corpus", UNPARTITIONED, pd.DataFrame(columns=["pair_id", "document_id", "text"]))
+    for stage in ("trained_model", "baseline_model", "model_comparison"):
+        result = run_stage(cfg, stage, UNPARTITIONED, [], [])
+        assert result.output.empty and result.accounting.balanced, stage
+        assert "trained nothing" in result.extra["skipped"] or "corpus is empty" in result.extra["skipped"]
