@@ -76,8 +76,10 @@ def _svg_markdown(svg: str) -> str:
     return f"![plot](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})"
 
 
-def _pretrain(ctx: StageContext, train_texts: list[str], held_texts: list[str], budget: int) -> dict[str, Any]:
-    """Train the base on packed texts; the one-row model table and the report's extras."""
+def _pretrain(
+    ctx: StageContext, train_texts: list[str], held_texts: list[str], budget: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the base on packed texts: the model table's row and the metadata the asset shows."""
     cfg, p = ctx.cfg, ctx.cfg.pretraining
     base_dir, identity, tokenizer = _base(cfg)
     data: PackedData = pack(
@@ -129,7 +131,7 @@ def _pretrain(ctx: StageContext, train_texts: list[str], held_texts: list[str], 
         "eval_losses": report.eval_losses,
         "resumed_from_step": report.resumed_from_step,
     } | {k: row[k] for k in ("tokens_seen", "steps", "seconds", "tokens_per_second", "device", "base_model")}
-    return {"row": row, "extras": extras}
+    return row, extras
 
 
 def _no_model(ctx: StageContext, rows: pd.DataFrame, id_column: str, why: str) -> StageResult:
@@ -160,14 +162,14 @@ def trained_model(ctx: StageContext) -> StageResult:
         return _no_model(ctx, corpus, "pair_id", why)
     train = corpus.loc[~corpus["document_id"].isin(held), "text"].tolist()
     heldout = corpus.loc[corpus["document_id"].isin(held), "text"].tolist()
-    made = _pretrain(ctx, train, heldout, budget)
-    row = made["row"] | {"train_documents": corpus["document_id"].nunique() - len(held), "heldout_documents": len(held)}
+    row, extras = _pretrain(ctx, train, heldout, budget)
+    row |= {"train_documents": corpus["document_id"].nunique() - len(held), "heldout_documents": len(held)}
     return ctx.finish(
         pd.DataFrame([row]),
         pd.DataFrame(columns=["reason", "detail"]),
         len(corpus),
         rows_out=len(corpus),
-        **made["extras"],
+        **extras,
     )
 
 
@@ -187,9 +189,9 @@ def baseline_model(ctx: StageContext) -> StageResult:
         return _no_model(ctx, docs, "document_id", why)
     train = docs.loc[~docs["document_id"].isin(held), "text"].tolist()
     heldout = docs.loc[docs["document_id"].isin(held), "text"].tolist()
-    made = _pretrain(ctx, train, heldout, budget)
+    row, extras = _pretrain(ctx, train, heldout, budget)
     n_held = int(docs["document_id"].isin(held).sum())
-    row = made["row"] | {"train_documents": len(docs) - n_held, "heldout_documents": n_held}
+    row |= {"train_documents": len(docs) - n_held, "heldout_documents": n_held}
     rej = pd.DataFrame(
         [
             {"document_id": d, "reason": "document_not_in_lake", "detail": "its shard is no longer active"}
@@ -197,7 +199,7 @@ def baseline_model(ctx: StageContext) -> StageResult:
         ],
         columns=["document_id", "reason", "detail"],
     )
-    return ctx.finish(pd.DataFrame([row]), rej, len(wanted), rows_out=len(docs), **made["extras"])
+    return ctx.finish(pd.DataFrame([row]), rej, len(wanted), rows_out=len(docs), **extras)
 
 
 # ------------------------------------------------------------------------------------ the comparison
