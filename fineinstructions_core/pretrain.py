@@ -4,7 +4,7 @@ Texts are tokenized, separated by EOS, concatenated in a seeded order and cut in
 `sequence_length` tokens; the loss is on every token. `token_budget` fixes how many tokens a model sees:
 the stream repeats (reshuffled) until it is reached, so a model trained on instruction pairs and one
 trained on raw documents see exactly the same number of tokens, whatever their data's own size.
-The loop is the students' (`training._optimize`): seeded, checkpointed, resumable, time-bounded.
+The loop is the students' (`training.optimize`): seeded, checkpointed, resumable, time-bounded.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .training import TrainReport, _Checkpoint, _fingerprint, _optimize, _save_model_dir
+from .training import Checkpoint, TrainReport, data_fingerprint, optimize, save_model_dir
 
 log = logging.getLogger(__name__)
 MIN_TOKENS = 16
@@ -134,7 +134,7 @@ def pretrain_causal_lm(
     held = torch.tensor(data.heldout, dtype=torch.long) if data.heldout else None
     total = math.ceil(len(blocks) / batch_size)
     report = TrainReport(epochs=1, train_examples=len(blocks), eval_examples=0 if held is None else len(held))
-    ckpt = _Checkpoint(out_dir, _fingerprint(str(base_dir), data.train, data.heldout, batch_size, lr, seed, total))
+    ckpt = Checkpoint(out_dir, data_fingerprint(str(base_dir), data.train, data.heldout, batch_size, lr, seed, total))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -160,7 +160,7 @@ def pretrain_causal_lm(
         model.train()
         return sum(losses) / len(held)
 
-    finished = _optimize(
+    finished = optimize(
         model,
         optimizer,
         ckpt,
@@ -183,7 +183,7 @@ def pretrain_causal_lm(
     if not finished:
         return report
     model.config.use_cache = True
-    _save_model_dir(model.to("cpu"), tokenizer, out_dir / "model")
+    save_model_dir(model.to("cpu"), tokenizer, out_dir / "model")
     ckpt.remove()
     report.seconds = round(time.perf_counter() - started, 1)
     report.model_dir = str(out_dir / "model")

@@ -51,7 +51,7 @@ class TrainReport:
         return asdict(self)
 
 
-def _fingerprint(*parts: Any) -> str:
+def data_fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -61,7 +61,7 @@ def _split(n: int, eval_share: float, seed: int) -> tuple[np.ndarray, np.ndarray
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-def _save_model_dir(model: Any, tokenizer: Any, target: Path, extra_files: Sequence[Path] = ()) -> None:
+def save_model_dir(model: Any, tokenizer: Any, target: Path, extra_files: Sequence[Path] = ()) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".save-"))
     try:
@@ -79,7 +79,7 @@ def _save_model_dir(model: Any, tokenizer: Any, target: Path, extra_files: Seque
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _Checkpoint:
+class Checkpoint:
     """Training state between runs, as tensors and plain types only: it is read back with
     `torch.load(weights_only=True)`, which never runs code from a file in the data directory. RNG
     states are saved as the tensors torch gives them."""
@@ -144,10 +144,10 @@ def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _optimize(
+def optimize(
     model: Any,
     optimizer: Any,
-    ckpt: _Checkpoint,
+    ckpt: Checkpoint,
     report: TrainReport,
     batch_loss: Callable[[Sequence[int]], Any],
     eval_loss: Callable[[], float],
@@ -261,8 +261,8 @@ def train_causal_lm(
     report = TrainReport(
         epochs=epochs, train_examples=len(train_idx), eval_examples=len(eval_idx), skipped_too_long=skipped
     )
-    ckpt = _Checkpoint(
-        out_dir, _fingerprint(str(base_dir), encoded, epochs, lr, batch_size, max_tokens, eval_share, seed, total)
+    ckpt = Checkpoint(
+        out_dir, data_fingerprint(str(base_dir), encoded, epochs, lr, batch_size, max_tokens, eval_share, seed, total)
     )
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -300,7 +300,7 @@ def train_causal_lm(
         ids, labels, mask = batch_tensors(idx)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
-    finished = _optimize(
+    finished = optimize(
         model,
         optimizer,
         ckpt,
@@ -322,7 +322,7 @@ def train_causal_lm(
     if not finished:
         return report
     model.config.use_cache = True
-    _save_model_dir(model, tokenizer, out_dir / "model")
+    save_model_dir(model, tokenizer, out_dir / "model")
     ckpt.remove()
     report.seconds = round(time.perf_counter() - started, 1)
     report.model_dir = str(out_dir / "model")
@@ -368,9 +368,9 @@ def train_embedder(
     steps_per_epoch = math.ceil(len(train_idx) / batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     report = TrainReport(epochs=epochs, train_examples=len(train_idx), eval_examples=len(eval_idx))
-    ckpt = _Checkpoint(
+    ckpt = Checkpoint(
         out_dir,
-        _fingerprint(
+        data_fingerprint(
             str(base_dir), pairs, epochs, lr, batch_size, max_tokens, eval_share, seed, chunk, chunk_of, total
         ),
     )
@@ -412,7 +412,7 @@ def train_embedder(
         model.train()
         return sum(losses) / len(eval_idx)
 
-    finished = _optimize(
+    finished = optimize(
         model,
         optimizer,
         ckpt,
@@ -434,7 +434,7 @@ def train_embedder(
     if not finished:
         return report
     extra = [base_dir / n for n in ("sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")]
-    _save_model_dir(model, tokenizer, out_dir / "model", extra)
+    save_model_dir(model, tokenizer, out_dir / "model", extra)
     ckpt.remove()
     report.seconds = round(time.perf_counter() - started, 1)
     report.model_dir = str(out_dir / "model")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fineinstructions_core.training import TrainReport, _Checkpoint, _optimize
+from fineinstructions_core.training import Checkpoint, TrainReport, optimize
 
 
 class _RunsCodeWhenUnpickled:
@@ -37,10 +37,10 @@ def _train(out: Path, total: int, time_budget_s: float | None) -> tuple[torch.nn
         with torch.no_grad():
             return float(torch.nn.functional.mse_loss(model(x).squeeze(-1), y))
 
-    finished = _optimize(
+    finished = optimize(
         model,
         optimizer,
-        _Checkpoint(out, "fp-1"),
+        Checkpoint(out, "fp-1"),
         report,
         batch_loss,
         eval_loss,
@@ -75,7 +75,7 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path: Path):
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path):
     marker = tmp_path / "code-ran"
-    ckpt = _Checkpoint(tmp_path, "fp-1")
+    ckpt = Checkpoint(tmp_path, "fp-1")
     torch.save({"fingerprint": "fp-1", "step": 3, "payload": _RunsCodeWhenUnpickled(marker)}, ckpt.path)
     assert ckpt.load() is None  # refused, training starts over
     assert not marker.exists()

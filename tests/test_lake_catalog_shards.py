@@ -191,7 +191,7 @@ def test_index_manifest_and_model_folders_get_the_umask_mode(tiny_project, tmp_p
     import numpy as np
 
     from fineinstructions_core.index import build_index_from_batches, save_index
-    from fineinstructions_core.training import _save_model_dir
+    from fineinstructions_core.training import save_model_dir
 
     class Saves:
         def save_pretrained(self, folder):
@@ -204,7 +204,7 @@ def test_index_manifest_and_model_folders_get_the_umask_mode(tiny_project, tmp_p
         manifest = cfg.data_dir / "shards" / "debian.json"
         index = build_index_from_batches(iter([np.eye(4, dtype=np.float32)]), 4, 4, 100, None, 1)
         faiss_file = save_index(index, tmp_path / "index" / "index.faiss")
-        _save_model_dir(Saves(), Saves(), tmp_path / "out" / "model")
+        save_model_dir(Saves(), Saves(), tmp_path / "out" / "model")
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (manifest, faiss_file, tmp_path / "out" / "model")}
     finally:
         os.umask(old)
