@@ -45,9 +45,11 @@ def model_dir(cfg: Config, asset: str) -> Path:
 
 
 def heldout_documents(document_ids: list[str], share: float, seed: int) -> set[str]:
-    """The documents both models hold out: a seeded, order-free choice, at least one when there are two."""
+    """The documents both models hold out: round(n x share) of them, a seeded, order-free choice, never
+    all. A corpus of a few documents holds none out (it has no held-out loss) rather than lose the one
+    the knowledge questions are about."""
     ids = sorted(set(document_ids), key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).hexdigest())
-    n = min(len(ids) - 1, max(1, round(len(ids) * share))) if share > 0 and len(ids) > 1 else 0
+    n = min(len(ids) - 1, round(len(ids) * share)) if ids else 0
     return set(ids[:n])
 
 

@@ -221,6 +221,7 @@ def test_heldout_documents_are_order_free():
     held = training_stages.heldout_documents(ids, 0.1, 0)
     assert held == training_stages.heldout_documents(list(reversed(ids)), 0.1, 0) and len(held) == 2
     assert training_stages.heldout_documents(["only"], 0.5, 0) == set()
+    assert training_stages.heldout_documents(["a", "b"], 0.1, 0) == set()  # a demo's two: none held out
 
 
 class _WordTokenizer:
