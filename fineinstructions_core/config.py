@@ -652,6 +652,17 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; an error naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return raw
+
+
 def _with_base(raw: dict[str, Any], path: Path, seen: list[Path]) -> dict[str, Any]:
     """`base: other.yaml` (relative to this file): that file's settings with this one's merged over them,
     so an experiment states only what it changes. Paths stay relative to the file that was loaded."""
@@ -665,12 +676,7 @@ def _with_base(raw: dict[str, Any], path: Path, seen: list[Path]) -> dict[str, A
         raise ConfigError(f"{path}: base {name!r} leads back to {base_path} (a cycle)")
     if not base_path.exists():
         raise ConfigError(f"{path}: base config {base_path} not found")
-    try:
-        base = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"base config {base_path} is not valid YAML: {exc}") from exc
-    if not isinstance(base, dict):
-        raise ConfigError(f"base config {base_path} must hold a mapping at the top level")
+    base = _read_mapping(base_path, "base config")
     return _deep_merge(_with_base(base, base_path, [*seen, base_path]), raw)
 
 
@@ -685,13 +691,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     path = Path(path) if path else default_config_path()
     if not path.exists():
         raise ConfigError(f"config file not found: {path} (set FI_CONFIG or pass --config)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    raw = _with_base(raw, path, [path.resolve()])
+    raw = _with_base(_read_mapping(path, "config file"), path, [path.resolve()])
     raw = _deep_merge(raw, overrides or {})
     if os.environ.get("FI_SCALE"):
         raw["scale"] = os.environ["FI_SCALE"]

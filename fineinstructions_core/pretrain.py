@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .training import Checkpoint, TrainReport, data_fingerprint, optimize, save_model_dir
+from .training import Checkpoint, TrainReport, data_fingerprint, heldout_mean_loss, optimize, save_model_dir
 
 log = logging.getLogger(__name__)
 MIN_TOKENS = 16
@@ -139,26 +139,15 @@ def pretrain_causal_lm(
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
-    def batch_loss(idx: Sequence[int]) -> Any:
-        ids = blocks[torch.as_tensor(np.asarray(idx))].to(device)
+    def loss_of(ids: Any) -> Any:
+        ids = ids.to(device)
         return model(input_ids=ids, labels=ids).loss
 
+    def batch_loss(idx: Sequence[int]) -> Any:
+        return loss_of(blocks[torch.as_tensor(np.asarray(idx))])
+
     def eval_loss() -> float:
-        if held is None:
-            return float("nan")
-        model.eval()
-        with torch.no_grad():
-            losses = [
-                float(
-                    model(
-                        input_ids=held[b : b + batch_size].to(device), labels=held[b : b + batch_size].to(device)
-                    ).loss
-                )
-                * len(held[b : b + batch_size])
-                for b in range(0, len(held), batch_size)
-            ]
-        model.train()
-        return sum(losses) / len(held)
+        return float("nan") if held is None else heldout_mean_loss(model, loss_of, held, batch_size)
 
     finished = optimize(
         model,

@@ -138,6 +138,23 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def heldout_mean_loss(model: Any, batch_loss: Callable[[Any], Any], rows: Sequence[Any], batch_size: int) -> float:
+    """The mean of `batch_loss` over `rows` in batches, weighted by batch size, in eval mode and without
+    gradients (NaN without rows)."""
+    import torch
+
+    if not len(rows):
+        return float("nan")
+    model.eval()
+    with torch.no_grad():
+        total = sum(
+            float(batch_loss(rows[b : b + batch_size])) * len(rows[b : b + batch_size])
+            for b in range(0, len(rows), batch_size)
+        )
+    model.train()
+    return total / len(rows)
+
+
 def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -401,16 +418,7 @@ def train_embedder(
         return torch.nn.functional.mse_loss(torch.nn.functional.cosine_similarity(q, d), labels)
 
     def eval_loss() -> float:
-        if not len(eval_idx):
-            return float("nan")
-        model.eval()
-        with torch.no_grad():
-            losses = [
-                float(batch_loss(eval_idx[b : b + batch_size])) * len(eval_idx[b : b + batch_size])
-                for b in range(0, len(eval_idx), batch_size)
-            ]
-        model.train()
-        return sum(losses) / len(eval_idx)
+        return heldout_mean_loss(model, batch_loss, eval_idx, batch_size)
 
     finished = optimize(
         model,

@@ -53,10 +53,9 @@ def heldout_documents(document_ids: list[str], share: float, seed: int) -> set[s
     return set(ids[:n])
 
 
-def _corpus(ctx: StageContext) -> tuple[pd.DataFrame, set[str]]:
-    corpus = ctx.lake.read("training_corpus")
-    p = ctx.cfg.pretraining
-    return corpus, heldout_documents(corpus["document_id"].tolist(), p.heldout_documents, p.seed)
+def _heldout(cfg: Config, corpus: pd.DataFrame) -> set[str]:
+    p = cfg.pretraining
+    return heldout_documents(corpus["document_id"].tolist(), p.heldout_documents, p.seed)
 
 
 def _base(cfg: Config) -> tuple[Path, str, Any]:
@@ -79,11 +78,11 @@ def _svg_markdown(svg: str) -> str:
 
 
 def _pretrain(
-    ctx: StageContext, train_texts: list[str], held_texts: list[str], budget: int
+    ctx: StageContext, base: tuple[Path, str, Any], train_texts: list[str], held_texts: list[str], budget: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train the base on packed texts: the model table's row and the metadata the asset shows."""
     cfg, p = ctx.cfg, ctx.cfg.pretraining
-    base_dir, identity, tokenizer = _base(cfg)
+    base_dir, identity, tokenizer = base
     data: PackedData = pack(
         train_texts, held_texts, tokenizer, sequence_length=p.sequence_length, token_budget=budget, seed=p.seed
     )
@@ -154,46 +153,48 @@ def _too_little(corpus: pd.DataFrame, budget: int) -> str | None:
     return None
 
 
-def trained_model(ctx: StageContext) -> StageResult:
-    """The base LM continued-pretrained on the training corpus's texts (loss on every token)."""
-    corpus, held = _corpus(ctx)
-    _, _, tokenizer = _base(ctx.cfg)
-    budget = _token_budget(ctx.cfg, corpus, held, tokenizer)
+def _model_stage(
+    ctx: StageContext,
+    corpus: pd.DataFrame,
+    rows: pd.DataFrame,
+    id_column: str,
+    rejected: pd.DataFrame,
+    rows_in: int,
+    rows_out: int,
+) -> StageResult:
+    """Both models' stage: `rows` (one per pair or per document) give their `text`, split by the held-out
+    documents; the token budget is the training corpus's either way."""
+    held = _heldout(ctx.cfg, corpus)
+    base = _base(ctx.cfg)
+    budget = _token_budget(ctx.cfg, corpus, held, base[2])
     why = _too_little(corpus, budget)
     if why:
-        return _no_model(ctx, corpus, "pair_id", why)
-    train = corpus.loc[~corpus["document_id"].isin(held), "text"].tolist()
-    heldout = corpus.loc[corpus["document_id"].isin(held), "text"].tolist()
-    row, extras = _pretrain(ctx, train, heldout, budget)
-    row |= {"train_documents": corpus["document_id"].nunique() - len(held), "heldout_documents": len(held)}
-    return ctx.finish(
-        pd.DataFrame([row]),
-        pd.DataFrame(columns=["reason", "detail"]),
-        len(corpus),
-        rows_out=len(corpus),
-        **extras,
-    )
+        return _no_model(ctx, rows, id_column, why)
+    is_held = rows["document_id"].isin(held)
+    row, extras = _pretrain(ctx, base, rows.loc[~is_held, "text"].tolist(), rows.loc[is_held, "text"].tolist(), budget)
+    row |= {
+        "train_documents": rows.loc[~is_held, "document_id"].nunique(),
+        "heldout_documents": rows.loc[is_held, "document_id"].nunique(),
+    }
+    return ctx.finish(pd.DataFrame([row]), rejected, rows_in, rows_out=rows_out, **extras)
+
+
+def trained_model(ctx: StageContext) -> StageResult:
+    """The base LM continued-pretrained on the training corpus's texts (loss on every token)."""
+    corpus = ctx.lake.read("training_corpus")
+    none = pd.DataFrame(columns=["reason", "detail"])
+    return _model_stage(ctx, corpus, corpus, "pair_id", none, len(corpus), len(corpus))
 
 
 def baseline_model(ctx: StageContext) -> StageResult:
     """The same base, settings and number of tokens, on the raw text of the documents the pairs came from."""
-    corpus, held = _corpus(ctx)
+    corpus = ctx.lake.read("training_corpus")
     wanted = set(corpus["document_id"])
     docs = ctx.lake.read_all("documents", ctx.shards)
     if docs.empty:
         docs = pd.DataFrame(columns=["document_id", "text"])
     docs = docs[docs["document_id"].isin(wanted)].sort_values("document_id")
     missing = wanted - set(docs["document_id"])
-    _, _, tokenizer = _base(ctx.cfg)
-    budget = _token_budget(ctx.cfg, corpus, held, tokenizer)
-    why = _too_little(corpus, budget)
-    if why:
-        return _no_model(ctx, docs, "document_id", why)
-    train = docs.loc[~docs["document_id"].isin(held), "text"].tolist()
-    heldout = docs.loc[docs["document_id"].isin(held), "text"].tolist()
-    row, extras = _pretrain(ctx, train, heldout, budget)
-    n_held = int(docs["document_id"].isin(held).sum())
-    row |= {"train_documents": len(docs) - n_held, "heldout_documents": n_held}
     rej = pd.DataFrame(
         [
             {"document_id": d, "reason": "document_not_in_lake", "detail": "its shard is no longer active"}
@@ -201,7 +202,7 @@ def baseline_model(ctx: StageContext) -> StageResult:
         ],
         columns=["document_id", "reason", "detail"],
     )
-    return ctx.finish(pd.DataFrame([row]), rej, len(wanted), rows_out=len(docs), **extras)
+    return _model_stage(ctx, corpus, docs, "document_id", rej, len(wanted), len(docs))
 
 
 # ------------------------------------------------------------------------------------ the comparison
@@ -380,7 +381,8 @@ def _bars_svg(rows: list[dict[str, Any]], width: int = 480, height: int = 200) -
 def model_comparison(ctx: StageContext) -> StageResult:
     """The base, baseline and trained models on closed-book knowledge questions and judged prompts."""
     cfg = ctx.cfg
-    corpus, held = _corpus(ctx)
+    corpus = ctx.lake.read("training_corpus")
+    held = _heldout(cfg, corpus)
     trained, baseline = ctx.lake.read("trained_model"), ctx.lake.read("baseline_model")
     if trained.empty or baseline.empty:
         why = "no model to compare: trained_model or baseline_model trained nothing (see its metadata)"
