@@ -32,7 +32,7 @@ from fineinstructions_core.stage_base import StageResult
 from .partitions import PARTITIONS, active_partitions
 from .resources import FineInstructionsResource
 
-MARKDOWN_EXTRAS = ("loss_curve", "comparison_table", "comparison_plot", "dataset_card")
+MARKDOWN_EXTRAS = ("loss_curve", "comparison_table", "comparison_plot", "dataset_card", "labelled_scores_plot")
 
 
 def check_specs(name: str) -> list[AssetCheckSpec]:

@@ -328,14 +328,14 @@ def _profile_threshold(cfg: Config) -> float | None:
 
 def cmd_eval_matching(args: argparse.Namespace) -> int:
     from fineinstructions_core.embed import Embedder
-    from fineinstructions_core.evaluation import evaluate, long_document_coverage
+    from fineinstructions_core.evaluation import concatenated_articles, evaluate, long_document_coverage
 
     cfg = load_config(args.config, _overrides(args.set))
     data = _labelled(args)
     m = cfg.matching
     K, sigma, alpha = m.k, m.sigma, m.alpha
     embedder = Embedder(cfg.embedder)
-    pooled = embedder.embed_documents(data.texts, K, sigma, alpha)
+    pooled = embedder.embed_documents(data.texts, K, sigma, alpha, min_width=m.min_local_width)
     threshold = _profile_threshold(cfg)
     report: dict[str, Any] = {
         "paragraphs": len(data.pids),
@@ -343,6 +343,7 @@ def cmd_eval_matching(args: argparse.Namespace) -> int:
         "threshold": m.threshold if threshold is None else threshold,
         "k": K,
         "sigma": sigma,
+        "min_local_width": m.min_local_width,
         "alpha": alpha,
     }
     modes = ["raw", "genericized"] if args.mode == "both" else [args.mode]
@@ -354,7 +355,20 @@ def cmd_eval_matching(args: argparse.Namespace) -> int:
         unanswerable[mode] = res["unanswerable"]
     report["unanswerable"] = unanswerable if len(modes) > 1 else unanswerable[modes[0]]
     if args.long_documents:
-        report["long_documents"] = long_document_coverage(data, embedder, K, sigma, alpha)
+        # Recall on whole articles (raw questions), and where each local vector's best question points.
+        articles = concatenated_articles(data)
+        long_pooled = embedder.embed_documents(articles.texts, K, sigma, alpha, min_width=m.min_local_width)
+        long_recall = evaluate(
+            articles,
+            list(articles.questions),
+            [True] * len(articles.questions),
+            embedder,
+            long_pooled,
+            report["threshold"],
+        )["metrics"]
+        report["long_documents"] = {"articles": len(articles.pids), "raw": long_recall} | long_document_coverage(
+            data, embedder, K, sigma, alpha, min_width=m.min_local_width
+        )
     print(json.dumps(report, indent=None if args.json else 1))
     return 0
 
@@ -367,7 +381,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     data = _labelled(args)
     m = cfg.matching
     embedder = Embedder(cfg.embedder)
-    pooled = embedder.embed_documents(data.texts, m.k, m.sigma, m.alpha)
+    pooled = embedder.embed_documents(data.texts, m.k, m.sigma, m.alpha, min_width=m.min_local_width)
     desc, keep = _descriptions(cfg, data, args.mode)
     result = calibrate_threshold(data, desc, keep, embedder, pooled)
     result |= {"mode": args.mode, "embedder": embedder.identity, "current_threshold": _profile_threshold(cfg)}
@@ -385,6 +399,34 @@ def cmd_eval_students(args: argparse.Namespace) -> int:
         baseline, student, args.queries_per_source, args.paragraphs, lambda m: print(m, file=sys.stderr)
     )
     print(json.dumps(report, indent=None if args.json else 1))
+    return 0
+
+
+def cmd_eval_judge(args: argparse.Namespace) -> int:
+    from fineinstructions_core.judge_eval import evaluate_profile, outcome_record, report_table
+
+    overrides = _overrides(args.set)
+    reports = {}
+    for profile in args.profile or [None]:
+        cfg = load_config(args.config, overrides | ({"model_profile": profile} if profile else {}))
+        path = cfg.path(args.labelled or cfg.judge.labelled_set or "")
+        if not (args.labelled or cfg.judge.labelled_set):
+            raise ConfigError("no labelled set: pass --labelled PATH or set judge.labelled_set")
+        pairs, judgements, rep = evaluate_profile(cfg, path, args.split, lambda m: print(m, file=sys.stderr))
+        reports[cfg.profile_name] = rep
+        if args.rows:
+            with open(args.rows, "a", encoding="utf-8") as f:
+                for p, j in zip(pairs, judgements, strict=True):
+                    f.write(json.dumps({"profile": cfg.profile_name} | outcome_record(p, j)) + "\n")
+        if not args.json:
+            s = rep["settings"]
+            print(
+                f"## profile {s['profile']}: {s['rows']} {s['split']} pairs; judge {s['judge']}, min_score "
+                f"{s['min_score']}; relevance threshold {s['relevance_threshold']} (calibrated on dev)\n"
+            )
+            print(report_table(rep["configurations"]) + "\n")
+    if args.json:
+        print(json.dumps(reports))
     return 0
 
 
@@ -458,6 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paragraphs", type=int, default=30, help="held-out SQuAD paragraphs to instantiate")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_students)
+    p = sub.add_parser(
+        "eval-judge", help="precision, recall and ROC-AUC of the judge, the gates and both on the labelled judge set"
+    )
+    p.add_argument("--labelled", default=None, help="labelled pairs (default: judge.labelled_set)")
+    p.add_argument("--split", choices=["dev", "heldout"], default="heldout", help="rows to measure (default heldout)")
+    p.add_argument("--profile", action="append", default=[], help="a model profile to measure (repeatable)")
+    p.add_argument("--rows", default=None, metavar="FILE", help="append each pair's gates and score as JSONL")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_judge)
     p = sub.add_parser("calibrate-threshold", help="propose a similarity threshold from labelled pairs")
     _labelled_args(p)
     p.add_argument("--mode", choices=["raw", "genericized"], default="genericized")
@@ -466,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:  # LabelledSetError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

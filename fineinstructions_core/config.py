@@ -223,6 +223,7 @@ class GenericizeSettings:
 class MatchingSettings:
     k: Int = Field(5, ge=0)  # local vectors per document (Gaussian pooling)
     sigma: Float = Field(0.05, gt=0)
+    min_local_width: Float = Field(0.0, ge=0)  # tokens: a local vector's width is max(sigma * T, this)
     alpha: Float = Field(1.0, ge=0)
     threshold: Float = Field(0.25, ge=-1, le=1)  # calibrated for all-MiniLM-L6-v2
     candidates_per_vector: Int = Field(32, ge=1)
@@ -249,6 +250,27 @@ class InstantiationSettings:
 class JudgeSettings:
     min_score: Int = Field(4, ge=1, le=5)
     constrained_score: Bool = True
+    # (excerpt, instruction, answer, label, reason) rows with a dev and a held-out split: calibrates the
+    # relevance gate on dev, and puts the judge's score per label on dev in the judged corpus's metadata
+    labelled_set: Str | None = None
+    labelled_plot_rows: Int | None = Field(64, ge=1)  # dev rows judged for the plot (None: all of them)
+
+
+@settings(frozen=True, config=_SECTION)
+class GateSettings:
+    """Checks before the judge (`gates.py`): a pair failing an enabled one is rejected with its reason
+    and never costs a judge call. Accepted = every enabled gate passes and score >= min_score."""
+
+    request: Bool = True
+    relevance: Bool = True
+    # a cosine, or `calibrated`: the highest one keeping `relevance_keep_good` of the dev split's good pairs
+    relevance_threshold: Float | Literal["calibrated"] = "calibrated"
+    relevance_keep_good: Float = Field(0.95, gt=0, le=1)
+    grounded_fill: Bool = True
+    min_grounded_share: Float = Field(0.75, ge=0, le=1)
+    answer_leak: Bool = True
+    max_leaked_share: Float = Field(0.8, gt=0, le=1)
+    complete_answer: Bool = True
 
 
 @settings(frozen=True, config=_SECTION)
@@ -395,6 +417,9 @@ class ModelProfile:
     embedder: Str = EMBEDDED_EMBEDDER
     # a number, `calibrated` (written beside a fine-tuned embedder), or None: matching.threshold
     matching_threshold: Float | Literal["calibrated"] | None = None
+    # the accept decision for this profile's models: None = the `judge.min_score` / `gates:` sections
+    min_score: Int | None = Field(None, ge=1, le=5)
+    gates: GateSettings | None = None
 
     @field_validator("matching_threshold", mode="wrap")
     @classmethod
@@ -440,6 +465,7 @@ class ProjectSettings:
     matching: MatchingSettings = Field(default_factory=MatchingSettings)
     instantiation: InstantiationSettings = Field(default_factory=InstantiationSettings)
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     distillation: DistillationSettings = Field(default_factory=DistillationSettings)
     pretraining: PretrainingSettings = Field(default_factory=PretrainingSettings)
@@ -509,6 +535,17 @@ class Config:
     @property
     def judge(self) -> JudgeSettings:
         return self.settings.judge
+
+    @property
+    def gates(self) -> GateSettings:
+        """The active profile's gates, or the `gates:` section."""
+        return self.profile.gates or self.settings.gates
+
+    @property
+    def min_score(self) -> int:
+        """The active profile's min_score, or `judge.min_score`."""
+        value = self.profile.min_score
+        return self.judge.min_score if value is None else value
 
     @property
     def budget(self) -> BudgetSettings:

@@ -6,7 +6,6 @@ takes a `StageContext` and writes the lake and its accounting like every other s
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from pathlib import Path
@@ -22,6 +21,7 @@ from .io.lake import Lake
 from .llm.base import LLMStats
 from .llm.models import resolve_llm
 from .llm_requests import compatibility_request, genericize_requests, instantiation_requests
+from .plots import svg_markdown
 from .stage_base import Logger, ProgressReporter, StageContext, StageResult, llm_for
 from .training import TrainReport, loss_curve_svg, train_causal_lm, train_embedder
 
@@ -168,11 +168,6 @@ def silver_instantiation_examples(ctx: StageContext) -> StageResult:
 # ------------------------------------------------------------------------------------ students
 
 
-def _svg_markdown(report_series: dict[str, list[tuple[int, float]]]) -> str:
-    svg = loss_curve_svg(report_series)
-    return f"![loss curve](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})"
-
-
 def model_dir(cfg: Config, asset: str) -> Path:
     """Where a training asset leaves its model (`<data_dir>/models/<asset>/model`)."""
     return cfg.data_dir / "models" / asset
@@ -210,7 +205,9 @@ def _train_result(
         rej,
         rows_in,
         rows_out=report.train_examples + report.eval_examples,
-        loss_curve=_svg_markdown(curves or {"train": report.losses, "held-out": report.eval_losses}),
+        loss_curve=svg_markdown(
+            loss_curve_svg(curves or {"train": report.losses, "held-out": report.eval_losses}), "loss curve"
+        ),
         eval_losses=report.eval_losses,
         train_seconds=report.seconds,
         resumed_from_step=report.resumed_from_step,
@@ -361,7 +358,7 @@ def _recall(held: LabelledSet, embedder: Embedder, cfg: Config) -> dict[str, Any
     from .evaluation import calibrate_threshold, evaluate
 
     m = cfg.matching
-    pooled = embedder.embed_documents(held.texts, m.k, m.sigma, m.alpha)
+    pooled = embedder.embed_documents(held.texts, m.k, m.sigma, m.alpha, min_width=m.min_local_width)
     keep = [True] * len(held.questions)
     metrics = evaluate(held, list(held.questions), keep, embedder, pooled, m.threshold)
     calibration = calibrate_threshold(held, list(held.questions), keep, embedder, pooled)
@@ -440,11 +437,16 @@ def matching_embedding(ctx: StageContext) -> StageResult:
     if e.round_two:
         # The labelled chunk: the local vector of the paragraph that the round-one model finds closest.
         tuned = Embedder(str(final_dir))
-        pooled = tuned.embed_documents([p[1] for p in pairs], m.k, m.sigma, m.alpha)
+        pooled = tuned.embed_documents([p[1] for p in pairs], m.k, m.sigma, m.alpha, min_width=m.min_local_width)
         qv = tuned.embed_texts([p[0] for p in pairs])
         chunk_of = [int(np.argmax(doc.vectors[1:] @ q)) + 1 for doc, q in zip(pooled, qv, strict=True)]
         round2 = train_embedder(
-            final_dir, pairs, out_root / "round2", chunk=(m.k, m.sigma), chunk_of=chunk_of, **settings
+            final_dir,
+            pairs,
+            out_root / "round2",
+            chunk=(m.k, m.sigma, m.min_local_width),
+            chunk_of=chunk_of,
+            **settings,
         )
         _require_finished("matching_embedding", round2)
         reports["round2"] = round2

@@ -4,6 +4,9 @@ Token embeddings h_1..h_T (t counted from 1 over the document's real tokens, T i
 global vector h_bar = mean_t h_t; for k = 1..K, centre c_k = k/(K+1) * T,
 w_kt = exp(-0.5 * ((t - c_k) / (sigma * T))^2) normalised over t, h_k = sum_t w_kt h_t,
 h*_k = (1 - alpha) h_bar + alpha h_k. Output: [h_bar, h*_1..h*_K], each L2-normalised for cosine search.
+One addition (`min_width`): the width sigma * T is at least `min_width` tokens, so a short document's
+local vectors average enough tokens to mean something (at sigma = 0.05 a 100-token paragraph's would
+average about five) and tend to its global vector as it gets shorter.
 
 Documents longer than the encoder's window are encoded window by window; the per-token embeddings of
 all windows form one sequence over the whole document and are pooled as above. The pooling is
@@ -28,15 +31,22 @@ _LOADED: dict[str, tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
 
 
-def gaussian_weights(T: int, K: int, sigma: float) -> np.ndarray:
+def local_width(T: int, sigma: float, min_width: float = 0.0) -> float:
+    """The Gaussians' standard deviation in tokens: sigma * T, never under `min_width`."""
+    return max(sigma * T, min_width)
+
+
+def gaussian_weights(T: int, K: int, sigma: float, min_width: float = 0.0) -> np.ndarray:
     """(K, T) normalised weights over token positions t = 1..T."""
     t = np.arange(1, T + 1, dtype=np.float64)
     centers = np.arange(1, K + 1, dtype=np.float64) / (K + 1) * T
-    w = np.exp(-0.5 * ((t[None, :] - centers[:, None]) / (sigma * T)) ** 2)
+    w = np.exp(-0.5 * ((t[None, :] - centers[:, None]) / local_width(T, sigma, min_width)) ** 2)
     return w / w.sum(axis=1, keepdims=True)
 
 
-def gaussian_pool(hidden: np.ndarray, mask: np.ndarray, K: int, sigma: float, alpha: float) -> np.ndarray:
+def gaussian_pool(
+    hidden: np.ndarray, mask: np.ndarray, K: int, sigma: float, alpha: float, min_width: float = 0.0
+) -> np.ndarray:
     """Reference implementation on one sequence: hidden (L, d), mask (L,) -> (K+1, d), not normalised.
 
     Masked positions are dropped first, so t and T count real tokens only.
@@ -46,7 +56,7 @@ def gaussian_pool(hidden: np.ndarray, mask: np.ndarray, K: int, sigma: float, al
     if T == 0:
         raise ValueError("cannot pool an empty sequence")
     h_bar = h.mean(axis=0)
-    local = gaussian_weights(T, K, sigma) @ h
+    local = gaussian_weights(T, K, sigma, min_width) @ h
     blended = (1 - alpha) * h_bar[None, :] + alpha * local
     return np.vstack([h_bar[None, :], blended])
 
@@ -67,8 +77,8 @@ class PooledDocument:
 class _StreamingPool:
     """Running sums for Gaussian pooling when tokens arrive window by window."""
 
-    def __init__(self, T: int, K: int, sigma: float, dim: int):
-        self.T, self.K, self.sigma = T, K, sigma
+    def __init__(self, T: int, K: int, sigma: float, dim: int, min_width: float = 0.0):
+        self.T, self.K, self.width = T, K, local_width(T, sigma, min_width)
         self.centers = np.arange(1, K + 1, dtype=np.float64) / (K + 1) * T
         self.sum_h = np.zeros(dim)
         self.sum_wh = np.zeros((K, dim))
@@ -81,7 +91,7 @@ class _StreamingPool:
         if self.K == 0:  # plain mean pooling
             return
         t = np.arange(start + 1, start + 1 + h.shape[0], dtype=np.float64)
-        w = np.exp(-0.5 * ((t[None, :] - self.centers[:, None]) / (self.sigma * self.T)) ** 2)
+        w = np.exp(-0.5 * ((t[None, :] - self.centers[:, None]) / self.width) ** 2)
         self.sum_wh += w @ h
         self.sum_w += w.sum(axis=1)
 
@@ -165,6 +175,7 @@ class Embedder:
         alpha: float,
         progress: Callable[[int, int], None] | None = None,
         pooling: str = "gaussian",
+        min_width: float = 0.0,
     ) -> list[PooledDocument]:
         """K+1 vectors per document over its whole token sequence (or 1 with pooling='mean')."""
         content = self.window - 2
@@ -181,7 +192,7 @@ class Embedder:
         if pooling not in ("gaussian", "mean"):
             raise ValueError(f"pooling must be 'gaussian' or 'mean', not {pooling!r}")
         k_eff = K if pooling == "gaussian" else 0
-        pools = [_StreamingPool(T, k_eff, sigma, self.dim) for T, _ in docs]
+        pools = [_StreamingPool(T, k_eff, sigma, self.dim, min_width) for T, _ in docs]
         # Windows of similar length batch together; each window's pooling contribution is additive.
         jobs.sort(key=lambda j: len(j[2]))
         for b in range(0, len(jobs), self.batch_size):

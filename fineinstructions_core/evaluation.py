@@ -247,6 +247,24 @@ def calibrate_threshold(
     }
 
 
+def concatenated_articles(data: LabelledSet) -> LabelledSet:
+    """Each article's paragraphs joined into one long document, its questions linked to it: matching
+    on long documents, where local vectors should help."""
+    by_title: dict[str, list[int]] = {}
+    for j, t in enumerate(data.titles):
+        by_title.setdefault(t or data.pids[j], []).append(j)
+    article_of = {data.pids[j]: title for title, members in by_title.items() for j in members}
+    titles = list(by_title)
+    return LabelledSet(
+        list(data.questions),
+        [article_of[p] for p in data.question_pids],
+        list(data.impossible),
+        titles,
+        ["\n\n".join(data.texts[j] for j in by_title[t]) for t in titles],
+        titles,
+    )
+
+
 def long_document_coverage(
     data: LabelledSet,
     embedder: Embedder,
@@ -255,6 +273,7 @@ def long_document_coverage(
     alpha: float,
     answers: dict[int, str] | None = None,
     min_tokens: int | None = None,
+    min_width: float = 0.0,
 ) -> dict[str, Any]:
     """Do local vectors of a long document retrieve templates about their own part of it?
 
@@ -275,7 +294,7 @@ def long_document_coverage(
             pos[data.pids[j]] = (start, len(text))
         docs.append(text)
         spans.append(pos)
-    pooled = embedder.embed_documents(docs, K, sigma, alpha)
+    pooled = embedder.embed_documents(docs, K, sigma, alpha, min_width=min_width)
     min_tokens = min_tokens or embedder.window
     q_idx = [i for i, imp in enumerate(data.impossible) if not imp]
     Q = embedder.embed_texts([data.questions[i] for i in q_idx])

@@ -147,6 +147,25 @@ def judge_results(
     return out, rej
 
 
+def gate_rejections(pairs: pd.DataFrame, outcomes: list) -> pd.DataFrame:
+    """Pairs a gate rejected before the judge: the judge's rejection shape, no score."""
+    base = [c for c in pairs.columns if c not in ("raw_output", "status")]
+    rows = [
+        {k: v for k, v in row.items() if k in base}
+        | {"score": None, "feedback": "", "reason": o.reason, "detail": o.detail}
+        for row, o in zip(pairs.to_dict("records"), outcomes, strict=True)
+    ]
+    rej = pd.DataFrame(rows, columns=base + ["score", "feedback", "reason", "detail"])
+    rej["score"] = rej["score"].astype("Int64")
+    return rej
+
+
+def result_score(result: GenerationResult) -> int | None:
+    """The score in one judge answer, or None (an error or an unparseable answer)."""
+    parsed = None if result.error else parse_output(result.text)
+    return None if parsed is None else parsed[0]
+
+
 def prompt_fingerprint() -> str:
     """Hash of the prompt text as loaded, so an edited or patched prompt makes this stage stale."""
     return hashlib.sha256(json.dumps([PROMPT, RUBRIC, inspect.getsource(fencing)]).encode()).hexdigest()[:16]

@@ -34,6 +34,17 @@ def input_problems(cfg: Config) -> list[Problem]:
     for i, c in enumerate(cfg.corpora):
         if not c.files(cfg.root):
             problems.append(Problem(f"corpora[{i}].path", f"{c.path!r} matches no file under {cfg.root}"))
+    labelled = cfg.judge.labelled_set
+    if labelled and not cfg.path(labelled).is_file():
+        problems.append(Problem("judge.labelled_set", f"{labelled!r} is not a file under {cfg.root}"))
+    g = cfg.gates
+    if g.relevance and g.relevance_threshold == "calibrated" and not labelled:
+        problems.append(
+            Problem(
+                "gates.relevance_threshold",
+                "`calibrated` needs judge.labelled_set (its dev split's good pairs); set one or give a number",
+            )
+        )
     return problems
 
 

@@ -199,6 +199,12 @@ def _threshold_inputs(cfg: Config, partition: str) -> Inputs:
     return Inputs(files=(path,) if path is not None else ())
 
 
+def _labelled_set_inputs(cfg: Config, partition: str) -> Inputs:
+    """The labelled judge set calibrates the relevance gate and is judged for the score plot."""
+    path = cfg.judge.labelled_set
+    return Inputs(files=(cfg.path(path),) if path else ())
+
+
 def _baseline_inputs(cfg: Config, partition: str) -> Inputs:
     """The baseline reads the documents the training corpus names; their ids are content ids (corpus,
     key, text), so the corpus alone decides its input and a new shard whose pairs were all rejected
@@ -313,7 +319,7 @@ STAGES = (
         "document_index",
         S,
         ("documents",),
-        ("matching.k", "matching.sigma", "matching.alpha", "profile.embedder"),
+        ("matching.k", "matching.sigma", "matching.min_local_width", "matching.alpha", "profile.embedder"),
         stages.document_index,
         Contract("document_id", ("document_id", "vectors", "n_tokens"), "documents", 0.99),
         "corpus",
@@ -346,12 +352,15 @@ STAGES = (
         "judged_corpus",
         S,
         ("instruction_pairs",),
-        ("judge", "profile.judge"),
+        ("judge", "gates", "profile.judge", "profile.min_score", "profile.gates", "profile.embedder"),
         stages.judged_corpus,
-        Contract("pair_id", ("pair_id", "score", "feedback", "accepted"), "pairs", 0.05),
+        Contract("pair_id", ("pair_id", "score", "feedback", "accepted", "relevance"), "pairs", 0.05),
         "generation",
-        "Pairs the judge scored >= judge.min_score (Flow Judge format, 1..5 rubric).",
+        "Pairs that pass every enabled gate (a request, relevant, grounded, not leaked, complete) and that "
+        "the judge scored >= min_score (Flow Judge format, 1..5 rubric).",
         pool="llm",
+        reads=("documents", "template_index"),
+        inputs=_labelled_set_inputs,
     ),
     StageSpec(
         "training_corpus",
@@ -396,7 +405,7 @@ STAGES = (
         "model_comparison",
         N,
         ("trained_model", "baseline_model"),
-        ("comparison", "pretraining", "judge", "profile.judge"),
+        ("comparison", "pretraining", "judge.constrained_score", "profile.judge"),
         training_stages.model_comparison,
         Contract("model_id", training_stages.COMPARISON_COLUMNS, "items", 0.3),
         "training",
@@ -481,7 +490,14 @@ STAGES = (
         "matching_embedding",
         N,
         ("template_matches", "template_index"),
-        ("distillation.seed", "matching.k", "matching.sigma", "matching.alpha", "matching.threshold"),
+        (
+            "distillation.seed",
+            "matching.k",
+            "matching.sigma",
+            "matching.min_local_width",
+            "matching.alpha",
+            "matching.threshold",
+        ),
         distill_stages.matching_embedding,
         # teacher judgment leaves its uncertain middle (score 3) out as a matter of course
         Contract("model_id", _MODEL_COLUMNS, "examples", 0.5),

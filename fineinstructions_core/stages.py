@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from . import budget, genericize, instantiate, judge, match, sft_export
+from . import budget, gates, genericize, instantiate, judge, judge_eval, match, sft_export
 from .embed import Embedder
 from .ids import content_id
 from .index import build_index_from_batches, describe_index, load_index, resolve_factory, save_index, search
@@ -22,6 +22,7 @@ from .io.catalog import stats
 from .io.lake import UNPARTITIONED, Lake
 from .io.readers import Record, Rejected, read_corpus_records, read_query_source
 from .llm_requests import genericize_requests, instantiation_requests, judge_request
+from .plots import svg_markdown
 from .queries import Decontaminator, build_query_set, load_eval_questions, load_unsafe_patterns
 from .shards import get_shard
 from .stage_base import StageContext, StageResult
@@ -211,7 +212,9 @@ def document_index(ctx: StageContext) -> StageResult:
             last[0] = time.perf_counter()
             logger(f"document_index[{shard_key}]: {done}/{total} windows embedded")
 
-    pooled = embedder.embed_documents(list(docs["text"]), K, sigma, alpha, progress=progress)
+    pooled = embedder.embed_documents(
+        list(docs["text"]), K, sigma, alpha, progress=progress, min_width=m.min_local_width
+    )
     out = pd.DataFrame(
         {
             "document_id": docs["document_id"].to_numpy(),
@@ -229,6 +232,7 @@ def document_index(ctx: StageContext) -> StageResult:
         len(docs),
         k=K,
         sigma=sigma,
+        min_local_width=m.min_local_width,
         alpha=alpha,
         embedder=embedder.identity,
         max_windows=int(out["n_windows"].max()) if len(out) else 0,
@@ -254,9 +258,7 @@ def template_matches(ctx: StageContext) -> StageResult:
     target_sources = m.target_complexity_sources
     target = templates[templates["source"].isin(target_sources)]["complexity"].tolist() if target_sources else []
     weights = match.complexity_weights(templates["complexity"].tolist(), target)
-    out, rej = match.match_documents(
-        docs, templates, sims, ids, weights, threshold, m.max_templates, m.seed
-    )
+    out, rej = match.match_documents(docs, templates, sims, ids, weights, threshold, m.max_templates, m.seed)
     return ctx.finish(
         out,
         rej,
@@ -289,19 +291,61 @@ def instruction_pairs(ctx: StageContext) -> StageResult:
 
 
 def judged_corpus(ctx: StageContext) -> StageResult:
-    """Each pair scored 1..5 by the judge (Flow Judge format); pairs at or above min_score are kept."""
-    cfg = ctx.cfg
-    pairs = ctx.lake.read("instruction_pairs", ctx.partition)
-    reqs = [judge_request(cfg, i, a) for i, a in zip(pairs["instruction"], pairs["answer"], strict=True)]
+    """The gates (`gates.py`), then the judge (Flow Judge format) on the pairs that pass them; a pair is
+    kept when every enabled gate passes and its score >= min_score."""
+    cfg, lake = ctx.cfg, ctx.lake
+    pairs = lake.read("instruction_pairs", ctx.partition)
+    docs = lake.read("documents", ctx.partition).set_index("document_id")["text"]
+    templates = lake.read("template_index").set_index("template_id")["template"]
+    g, min_score = cfg.gates, cfg.min_score
+    embed = Embedder(cfg.embedder).embed_texts
+    labelled = judge_eval.load_labelled_pairs(cfg.path(cfg.judge.labelled_set)) if cfg.judge.labelled_set else None
+    dev = [p for p in labelled or () if p.split == "dev"]
+    threshold = judge_eval.relevance_threshold(g, dev, embed) if g.relevance else float("nan")
+    cosines = gates.relevance(embed, list(pairs["instruction"]), list(pairs["answer"])) if g.relevance else None
+    outcomes = [
+        gates.evaluate(
+            row.instruction,
+            row.answer,
+            templates.get(row.template_id),
+            docs.get(row.document_id, ""),
+            float(cosines[i]) if cosines is not None else 1.0,
+            g,
+            threshold,
+        )
+        for i, row in enumerate(pairs.itertuples(index=False))
+    ]
+    passed = np.array([o.reason is None for o in outcomes], dtype=bool)
+    to_judge = pairs[passed].reset_index(drop=True)
+    reqs = [judge_request(cfg, i, a) for i, a in zip(to_judge["instruction"], to_judge["answer"], strict=True)]
     results, stats = ctx.run_llm("judge", reqs)
-    out, rej = judge.judge_results(pairs, results, cfg.judge.min_score)
+    out, rej = judge.judge_results(to_judge, results, min_score)
+    gated = judge.gate_rejections(pairs[~passed], [o for o, ok in zip(outcomes, passed, strict=True) if not ok])
+    rej = pd.concat([rej, gated], ignore_index=True) if len(gated) else rej
+    relevance = dict(zip(pairs["pair_id"], (o.relevance for o in outcomes), strict=True))
+    out = out.assign(relevance=[relevance[p] for p in out["pair_id"]])
+    rej = rej.assign(relevance=[relevance[p] for p in rej["pair_id"]])
     scores = pd.concat([out["score"], rej["score"]]).dropna().astype(int).value_counts().sort_index()
+    extra = {}
+    if dev:
+        # The judge on the labelled dev split: does its score separate the labels? (cached after once)
+        shown = dev[: cfg.judge.labelled_plot_rows]
+        dev_results, _ = ctx.run_llm("judge", [judge_request(cfg, p.instruction, p.answer) for p in shown])
+        dist = judge_eval.score_distribution(shown, [judge.result_score(r) for r in dev_results])
+        extra = {
+            "labelled_scores": dist,
+            "labelled_scores_plot": svg_markdown(judge_eval.score_distribution_svg(dist)),
+        }
     return ctx.finish(
         out,
         rej,
         len(pairs),
         llm=stats,
         score_histogram={str(k): int(v) for k, v in scores.items()},
+        gates={k: getattr(g, k) for k in gates.ORDER},
+        relevance_threshold=None if np.isnan(threshold) else round(threshold, 4),
+        min_score=min_score,
+        **extra,
     )
 
 
@@ -357,5 +401,3 @@ def _card(ctx: StageContext, rows: int) -> str:
     keys = set(ctx.sources) | set(ctx.shards) | {UNPARTITIONED}
     records = [r for r in ctx.lake.all_accounting() if r["partition"] in keys and r["asset"] in upstream]
     return sft_export.dataset_card(ctx.cfg, rows, stats(records, upstream))
-
-

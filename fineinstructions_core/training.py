@@ -361,7 +361,7 @@ def train_embedder(
     eval_share: float = 0.1,
     seed: int = 0,
     checkpoint_every: int = 100,
-    chunk: tuple[int, float] | None = None,
+    chunk: tuple[int, float, float] | None = None,
     chunk_of: Sequence[int | None] | None = None,
     max_steps: int | None = None,
     time_budget_s: float | None = None,
@@ -370,7 +370,7 @@ def train_embedder(
     """Cosine-similarity loss, (cos(query, document) - label)^2, as sentence-transformers'
     CosineSimilarityLoss. The query side is mean-pooled (as template descriptions are embedded).
 
-    Round one: the document side is its masked mean (the global vector). Round two (`chunk=(K, sigma)`
+    Round one: the document side is its masked mean (the global vector). Round two (`chunk=(K, sigma, min_width)`
     and `chunk_of[i]` = the labelled chunk k in 1..K): the loss is taken on that chunk's Gaussian local
     vector, the paper's second fine-tuning round.
     """
@@ -399,7 +399,7 @@ def train_embedder(
         mask = enc["attention_mask"].unsqueeze(-1).float()
         if not chunks or chunk is None:
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        K, sigma = chunk
+        K, sigma, min_width = chunk
         rows = []
         for r, k in enumerate(chunks):
             T = int(enc["attention_mask"][r].sum())
@@ -407,7 +407,7 @@ def train_embedder(
                 w = mask[r, :, 0] / mask[r, :, 0].sum()
             else:
                 w = torch.zeros(hidden.shape[1])
-                w[:T] = torch.from_numpy(gaussian_weights(T, K, sigma)[k - 1]).float()
+                w[:T] = torch.from_numpy(gaussian_weights(T, K, sigma, min_width)[k - 1]).float()
             rows.append((hidden[r] * w.unsqueeze(-1)).sum(0))
         return torch.stack(rows)
 

@@ -10,7 +10,6 @@ tabulates what each knows and how the judge rates its answers.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ from .config import Config, plain
 from .ids import content_id
 from .llm.models import resolve_llm
 from .llm_requests import judge_request
+from .plots import svg_markdown
 from .pretrain import MIN_TOKENS, PackedData, pack, pick_device, pretrain_causal_lm
 from .stage_base import StageContext, StageResult
 from .training import TrainReport, loss_curve_svg
@@ -71,10 +71,6 @@ def _token_budget(cfg: Config, corpus: pd.DataFrame, held: set[str], tokenizer: 
         return cfg.pretraining.token_budget
     texts = corpus.loc[~corpus["document_id"].isin(held), "text"].tolist()
     return sum(len(tokenizer(t, add_special_tokens=False, verbose=False).input_ids) + 1 for t in texts)
-
-
-def _svg_markdown(svg: str) -> str:
-    return f"![plot](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})"
 
 
 def _pretrain(
@@ -127,7 +123,7 @@ def _pretrain(
         "device": device,
     }
     extras = {
-        "loss_curve": _svg_markdown(loss_curve_svg({"train": report.losses, "held-out": report.eval_losses})),
+        "loss_curve": svg_markdown(loss_curve_svg({"train": report.losses, "held-out": report.eval_losses})),
         "train_losses": report.losses,
         "eval_losses": report.eval_losses,
         "resumed_from_step": report.resumed_from_step,
@@ -506,7 +502,7 @@ def model_comparison(ctx: StageContext) -> StageResult:
         rows_out=len(knowledge) + len(judged),
         llm=stats,
         comparison_table=table,
-        comparison_plot=_svg_markdown(_bars_svg(rows)),
+        comparison_plot=svg_markdown(_bars_svg(rows)),
         reference_kinds=kinds,
         questions_about_other_documents=other,
         answers_export=str(export),

@@ -74,6 +74,9 @@ def make_tiny_project(root: Path, queries: int = 6, docs: int = 2) -> Path:
     base["query_filters"]["eval_sets"] = ["eval.jsonl"]
     base["matching"]["target_complexity_sources"] = ["nq"]
     base["matching"]["threshold"] = 0.0  # every document gets templates, so later stages always have work
+    # No labelled judge set (its dev split would be judged for the plot): the relevance gate gets a number.
+    base["judge"]["labelled_set"] = None
+    base["gates"] = {"relevance_threshold": 0.2}
     # The training assets at their smallest: short blocks (a tiny corpus fills few) and a few questions.
     base["pretraining"].update(sequence_length=32, batch_size=4)
     base["comparison"].update(

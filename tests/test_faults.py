@@ -299,6 +299,11 @@ CONFIG_MISTAKES = [
         "a query source glob that matches no file",
     ),
     (
+        {"judge": {"labelled_set": "labels/missing.jsonl"}},
+        "judge.labelled_set: 'labels/missing.jsonl' is not a file",
+        "a labelled judge set that is not there",
+    ),
+    (
         {"model_profiles": {"embedded": {"judge": {"model": "/nonexistent/judge-model"}}}},
         "model_profiles.embedded.judge.model: model '/nonexistent/judge-model' is not embedded",
         "a model that is not installed",
