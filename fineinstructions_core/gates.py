@@ -77,7 +77,7 @@ NEED_PHRASES = (
     "is there a way",
     "please",
 )
-DANGLING = frozenset("the a an of to and or for with in on at by from about as is are what which that".split())
+DANGLING = frozenset("the a an of and or is are what which that my your their its".split())
 STOPWORDS = frozenset(
     """a about above after again against all also am an and any are as at be because been before being below
     between both but by can could did do does doing down during each few for from further had has have having
@@ -88,7 +88,7 @@ STOPWORDS = frozenset(
     yourselves s t don shall may might must one ones get got make made use used using way ways thing things
     many much well like also eg etc""".split()
 )
-_SUFFIXES = ("ingly", "edly", "ings", "ing", "ied", "ies", "ed", "es", "ly", "s")
+_SUFFIXES = ("ingly", "edly", "ings", "ing", "ied", "ies", "ed", "ly", "s")
 _END = re.compile(r"""[.!?]["'”’)\]]*\s*$|[:;]\s*$""")
 
 
@@ -97,12 +97,12 @@ def words(text: str) -> list[str]:
 
 
 def stem(word: str) -> str:
-    """A crude suffix strip, enough to match `keys`/`key` and `repeated`/`repeat`."""
+    """A crude suffix strip, enough to match `keys`/`key`, `repeated`/`repeat` and `files`/`file`."""
     word = word.removesuffix("'s")
     for suffix in _SUFFIXES:
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
             return word[: -len(suffix)]
-    return word
+    return word.removesuffix("e") if len(word) > 4 else word
 
 
 def content_stems(text: str) -> list[str]:
@@ -143,15 +143,34 @@ def leaked_share(instruction: str, answer: str) -> float:
     return sum(w in held for w in ans) / len(ans)
 
 
+_SLOT = re.compile(r"<fi>.*?</fi>", re.DOTALL)
+
+
+def slot_fills(instruction: str, template: str) -> str | None:
+    """What fills the template's slots in the instruction, when the instruction follows the template's
+    fixed text (case and spacing aside); None when it does not."""
+    parts = _SLOT.split(template)
+    if len(parts) < 2:
+        return None
+    fixed = [r"\s+".join(re.escape(w) for w in part.split()) for part in parts]
+    pattern = r"\s*(.+?)\s*".join(fixed)
+    m = re.fullmatch(r"\s*" + pattern + r"\s*", instruction.strip(), flags=re.IGNORECASE | re.DOTALL)
+    return " ".join(m.groups()) if m else None
+
+
 def grounded_share(instruction: str, template: str | None, document: str) -> tuple[float, list[str]]:
-    """The share of the instruction's own words (those not in the template) found in the document,
-    with the words that were not."""
+    """The share of the words that fill the template's slots (or, when the instruction does not follow
+    the template, of its words the template does not hold) found in the document or the template, with
+    the words that were not. A word counts as found when its stem is, or (from 6 letters) its first 5."""
     template_words = set(content_stems(template or ""))
-    doc_words = set(content_stems(document))
-    fill = [w for w in dict.fromkeys(content_stems(instruction)) if w not in template_words]
+    fills = slot_fills(instruction, template) if template else None
+    fill = [w for w in dict.fromkeys(content_stems(fills if fills is not None else instruction))]
+    fill = [w for w in fill if w not in template_words]
     if not fill:
         return 1.0, []
-    missing = [w for w in fill if w not in doc_words]
+    doc_words = set(content_stems(document))
+    prefixes = {w[:5] for w in doc_words if len(w) >= 5}
+    missing = [w for w in fill if w not in doc_words and not (len(w) >= 6 and w[:5] in prefixes)]
     return 1 - len(missing) / len(fill), missing
 
 
@@ -215,6 +234,23 @@ def evaluate(
     first = next((REASONS[k] for k in ORDER if k in failed), None)
     detail = "; ".join(f"{REASONS[k]}: {v}" for k, v in failed.items())
     return GateOutcome(first, detail, float(cosine), grounded, leaked)
+
+
+def evaluate_all(
+    instructions: Sequence[str],
+    answers: Sequence[str],
+    templates: Sequence[str | None],
+    documents: Sequence[str],
+    embed: Callable[[list[str]], np.ndarray],
+    settings: GateSettings,
+    relevance_threshold: float,
+) -> list[GateOutcome]:
+    """`evaluate` for many pairs, their cosines embedded in one batch (kept even with the gate off)."""
+    cosines = relevance(embed, instructions, answers)
+    return [
+        evaluate(i, a, t, d, float(c), settings, relevance_threshold)
+        for i, a, t, d, c in zip(instructions, answers, templates, documents, cosines, strict=True)
+    ]
 
 
 def calibrate_relevance(good: Sequence[float], keep: float) -> float:

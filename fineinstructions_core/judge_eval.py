@@ -192,12 +192,16 @@ class Judgement:
 def gate_outcomes(
     pairs: Sequence[LabelledPair], settings: GateSettings, threshold: float, embed: Callable[[list[str]], np.ndarray]
 ) -> list[gates.GateOutcome]:
-    """The gates on labelled pairs, with their excerpt as the document."""
-    cos = gates.relevance(embed, [p.instruction for p in pairs], [p.answer for p in pairs])
-    return [
-        gates.evaluate(p.instruction, p.answer, p.template, p.document, float(c), settings, threshold)
-        for p, c in zip(pairs, cos, strict=True)
-    ]
+    """The gates on labelled pairs, reading each pair's whole document (else its excerpt)."""
+    return gates.evaluate_all(
+        [p.instruction for p in pairs],
+        [p.answer for p in pairs],
+        [p.template for p in pairs],
+        [p.document for p in pairs],
+        embed,
+        settings,
+        threshold,
+    )
 
 
 def relevance_threshold(

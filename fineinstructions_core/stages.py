@@ -302,19 +302,15 @@ def judged_corpus(ctx: StageContext) -> StageResult:
     labelled = judge_eval.load_labelled_pairs(cfg.path(cfg.judge.labelled_set)) if cfg.judge.labelled_set else None
     dev = [p for p in labelled or () if p.split == "dev"]
     threshold = judge_eval.relevance_threshold(g, dev, embed) if g.relevance else float("nan")
-    cosines = gates.relevance(embed, list(pairs["instruction"]), list(pairs["answer"])) if g.relevance else None
-    outcomes = [
-        gates.evaluate(
-            row.instruction,
-            row.answer,
-            templates.get(row.template_id),
-            docs.get(row.document_id, ""),
-            float(cosines[i]) if cosines is not None else 1.0,
-            g,
-            threshold,
-        )
-        for i, row in enumerate(pairs.itertuples(index=False))
-    ]
+    outcomes = gates.evaluate_all(
+        list(pairs["instruction"]),
+        list(pairs["answer"]),
+        [templates.get(t) for t in pairs["template_id"]],
+        [docs.get(d, "") for d in pairs["document_id"]],
+        embed,
+        g,
+        threshold,
+    )
     passed = np.array([o.reason is None for o in outcomes], dtype=bool)
     to_judge = pairs[passed].reset_index(drop=True)
     reqs = [judge_request(cfg, i, a) for i, a in zip(to_judge["instruction"], to_judge["answer"], strict=True)]

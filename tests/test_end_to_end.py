@@ -12,7 +12,7 @@ from dagster import DagsterInstance, materialize
 from fineinstructions_assets.assets import matching_embedding
 from fineinstructions_assets.cli import main
 from fineinstructions_assets.resources import FineInstructionsResource
-from fineinstructions_core import judge
+from fineinstructions_core import gates, judge
 from fineinstructions_core.config import load_config
 from fineinstructions_core.io.catalog import connect_readonly
 from fineinstructions_core.io.lake import Lake
@@ -136,7 +136,10 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
     ), out
     final = json.loads(_run(capsys, *cfg_arg, "stats", "--json"))["stages"]
     judged = final["judged_corpus"]["llm"]
-    assert judged["requests"] == final["judged_corpus"]["rows_in"] == judged["cache_misses"]
+    # The judge sees only the pairs every gate passed; a gate's rejection costs no judge call.
+    by_reason = final["judged_corpus"]["rejected_by_reason"]
+    gated = sum(n for r, n in by_reason.items() if r in gates.REASONS.values())
+    assert judged["requests"] == final["judged_corpus"]["rows_in"] - gated == judged["cache_misses"]
     for stage in ("template_bank", "instruction_pairs"):
         assert final[stage] == before[stage]  # not rerun: same accounting, no new requests
 

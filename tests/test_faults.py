@@ -25,6 +25,7 @@ from conftest import ROOT, make_tiny_project, record
 
 pytestmark = pytest.mark.fault
 
+
 class Cli:
     """One `fineinstructions run` process, its output in a file that the test can wait on."""
 

@@ -94,7 +94,9 @@ def test_evaluate_reports_every_failed_gate_and_the_first_reason():
     assert "off_topic_answer: instruction-answer cosine 0.050 < 0.300" in o.detail
     assert "ungrounded_fill" in o.detail  # i3, mirrors, screen, monitor are not in the document
     template = "how do <fi>a feature</fi> help people with <fi>a condition</fi>?"
-    ok = gates.evaluate("How do bounce keys help people with hand tremors?", BOUNCE, template, BOUNCE, 0.6, settings, 0.3)
+    ok = gates.evaluate(
+        "How do bounce keys help people with hand tremors?", BOUNCE, template, BOUNCE, 0.6, settings, 0.3
+    )
     assert ok.reason is None and ok.detail == ""
     assert gates.decide(ok, 4, 4) and not gates.decide(ok, 3, 4) and not gates.decide(ok, None, 4)
     assert not gates.decide(o, 5, 4)
@@ -211,3 +213,7 @@ def test_shipped_labelled_set_is_complete_and_grounded():
     for p in pairs:
         split_of.setdefault(f"{p.corpus}/{p.document_id}", set()).add(p.split)
     assert all(len(s) == 1 for s in split_of.values())
+    # Every row resolves its whole shipped document, and its excerpt is verbatim text of it.
+    for p in pairs:
+        assert p.document != p.document_excerpt or len(p.document) < 2000, p.id
+        assert p.document_excerpt in p.document, p.id

@@ -156,3 +156,26 @@ def test_a_model_retrained_in_place_makes_its_stages_stale(tiny_project: Path, t
     assert signature(cfg, "document_index", "debian-00000", [], []) != before["document_index"]
     assert signature(cfg, "judged_corpus", "debian-00000", [], []) != before["judged_corpus"]
     assert signature(cfg, "query_set", "nq", [], []) == before["query_set"]
+
+
+def test_gates_and_the_labelled_set_make_only_the_judged_corpus_stale(tiny_project: Path):
+    """A gate's setting, a profile's own decision or an edit of the labelled set reruns judged_corpus
+    (and what it feeds), never the stages that made the pairs."""
+    labels = tiny_project.parent / "labels.jsonl"
+    labels.write_text('{"id": "a"}\n', encoding="utf-8")
+    base = load_config(tiny_project, {"judge": {"labelled_set": "labels.jsonl"}})
+    sig = {a: signature(base, a, "debian-00000", [], []) for a in ("instruction_pairs", "judged_corpus")}
+    for override in (
+        {"gates": {"max_leaked_share": 0.5}},
+        {"model_profiles": {"embedded": {"min_score": 3}}},
+        {"model_profiles": {"embedded": {"gates": {"request": False}}}},
+    ):
+        cfg = load_config(tiny_project, {"judge": {"labelled_set": "labels.jsonl"}} | override)
+        assert signature(cfg, "judged_corpus", "debian-00000", [], []) != sig["judged_corpus"], override
+        assert signature(cfg, "instruction_pairs", "debian-00000", [], []) == sig["instruction_pairs"]
+    labels.write_text('{"id": "b"}\n', encoding="utf-8")
+    assert signature(base, "judged_corpus", "debian-00000", [], []) != sig["judged_corpus"]
+    # A profile's own decision replaces the sections for that profile only.
+    cfg = load_config(tiny_project, {"model_profiles": {"embedded": {"min_score": 3, "gates": {"request": False}}}})
+    assert cfg.min_score == 3 and cfg.gates.request is False and cfg.gates.relevance is True
+    assert cfg.with_profile("distilled").min_score == cfg.judge.min_score
