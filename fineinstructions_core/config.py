@@ -265,11 +265,12 @@ class GateSettings:
     relevance: Bool = True
     # a cosine, or `calibrated`: the highest one keeping `relevance_keep_good` of the dev split's good pairs
     relevance_threshold: Float | Literal["calibrated"] = "calibrated"
-    relevance_keep_good: Float = Field(0.95, gt=0, le=1)
+    relevance_keep_good: Float = Field(0.8, gt=0, le=1)
     grounded_fill: Bool = True
-    min_grounded_share: Float = Field(0.75, ge=0, le=1)
+    min_grounded_share: Float = Field(0.5, ge=0, le=1)
+    names_grounded: Bool = True  # any filled name or number the document lacks fails the gate
     answer_leak: Bool = True
-    max_leaked_share: Float = Field(0.8, gt=0, le=1)
+    max_leaked_share: Float = Field(0.5, gt=0, le=1)
     complete_answer: Bool = True
 
 

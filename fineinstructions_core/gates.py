@@ -38,6 +38,7 @@ REASONS = {
 ORDER = tuple(REASONS)
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_CASED = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
 _TAG = re.compile(r"</?fi>")
 
 QUESTION_WORDS = frozenset(
@@ -158,20 +159,29 @@ def slot_fills(instruction: str, template: str) -> str | None:
     return " ".join(m.groups()) if m else None
 
 
-def grounded_share(instruction: str, template: str | None, document: str) -> tuple[float, list[str]]:
+def _names(text: str) -> set[str]:
+    """Stems of the words written as names or numbers (capitalised after the first word, or with a
+    digit): an invented entity is what an ungrounded fill usually adds."""
+    tokens = _CASED.findall(text)
+    return {stem(t.lower()) for i, t in enumerate(tokens) if any(c.isdigit() for c in t) or (i > 0 and t[0].isupper())}
+
+
+def grounded_share(instruction: str, template: str | None, document: str) -> tuple[float, list[str], list[str]]:
     """The share of the words that fill the template's slots (or, when the instruction does not follow
-    the template, of its words the template does not hold) found in the document or the template, with
-    the words that were not. A word counts as found when its stem is, or (from 6 letters) its first 5."""
+    the template, of its words the template does not hold) found in the document or the template; the
+    words that were not; and those of them written as names or numbers. A word counts as found when its
+    stem is, or (from 6 letters) its first 5."""
     template_words = set(content_stems(template or ""))
     fills = slot_fills(instruction, template) if template else None
     fill = [w for w in dict.fromkeys(content_stems(fills if fills is not None else instruction))]
     fill = [w for w in fill if w not in template_words]
     if not fill:
-        return 1.0, []
+        return 1.0, [], []
     doc_words = set(content_stems(document))
     prefixes = {w[:5] for w in doc_words if len(w) >= 5}
     missing = [w for w in fill if w not in doc_words and not (len(w) >= 6 and w[:5] in prefixes)]
-    return 1 - len(missing) / len(fill), missing
+    names = _names(instruction)
+    return 1 - len(missing) / len(fill), missing, [w for w in missing if w in names]
 
 
 def answer_is_complete(answer: str) -> bool:
@@ -216,16 +226,17 @@ def evaluate(
 ) -> GateOutcome:
     """Every gate's measurement for one pair, and the first enabled gate it fails."""
     g = settings
-    grounded, missing = grounded_share(instruction, template, document)
+    grounded, missing, names = grounded_share(instruction, template, document)
     leaked = leaked_share(instruction, answer)
     failed: dict[str, str] = {}
     if g.request and (problem := request_problem(instruction)):
         failed["request"] = problem
     if g.answer_leak and leaked >= g.max_leaked_share:
         failed["answer_leak"] = f"{leaked:.2f} of the answer's words are in the instruction"
-    if g.grounded_fill and grounded < g.min_grounded_share:
+    if g.grounded_fill and (grounded < g.min_grounded_share or (names and g.names_grounded)):
         failed["grounded_fill"] = (
-            f"{grounded:.2f} of the filled words are in the document (not: {', '.join(missing[:6])})"
+            f"{grounded:.2f} of the filled words are in the document (not: {', '.join(missing[:6])}"
+            + (f"; names: {', '.join(names[:6])})" if names else ")")
         )
     if g.relevance and cosine < relevance_threshold:
         failed["relevance"] = f"instruction-answer cosine {cosine:.3f} < {relevance_threshold:.3f}"

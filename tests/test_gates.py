@@ -60,13 +60,24 @@ def test_leaked_answer_is_measured_against_the_instruction():
 def test_filled_words_must_come_from_the_document_or_the_template():
     template = "what effects does <fi>a medical condition</fi> have on the <fi>a body part</fi>?"
     doc = "Diabetic retinopathy is a complication of diabetes that damages the blood vessels of the eye."
-    share, missing = gates.grounded_share("what effects does diabetes have on the eye?", template, doc)
-    assert share == 1.0 and missing == []
-    share, missing = gates.grounded_share("what effects does malaria have on the liver?", template, doc)
-    assert share == 0.0 and set(missing) == {"malaria", "liver"}
+    share, missing, names = gates.grounded_share("what effects does diabetes have on the eye?", template, doc)
+    assert share == 1.0 and missing == [] == names
+    share, missing, names = gates.grounded_share("what effects does malaria have on the liver?", template, doc)
+    assert share == 0.0 and set(missing) == {"malaria", "liver"} and names == []
     # Words of the slot descriptions count as the template's ("condition" is not a filled word).
-    share, _ = gates.grounded_share("what effects does a medical condition have on the eye?", template, doc)
+    share, _, _ = gates.grounded_share("what effects does a medical condition have on the eye?", template, doc)
     assert share == 1.0
+    # One invented name among grounded words: the share passes, the name does not.
+    share, missing, names = gates.grounded_share(
+        "what effects does diabetes have on the eye in Queensland?", template.replace("?", " in <fi>a place</fi>?"), doc
+    )
+    assert share == pytest.approx(2 / 3) and names == ["queensland"]
+    assert (
+        gates.evaluate(
+            "What effects does diabetes have on the eye in Queensland?", doc, None, doc, 0.9, GateSettings(), 0.3
+        ).reason
+        == "ungrounded_fill"
+    )
 
 
 def test_complete_answer():
