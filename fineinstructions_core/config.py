@@ -223,7 +223,7 @@ class GenericizeSettings:
 class MatchingSettings:
     k: Int = Field(5, ge=0)  # local vectors per document (Gaussian pooling)
     sigma: Float = Field(0.05, gt=0)
-    min_local_width: Float = Field(0.0, ge=0)  # tokens: a local vector's width is max(sigma * T, this)
+    min_local_width: Float = Field(16.0, ge=0)  # tokens: a local vector's width is max(sigma * T, this)
     alpha: Float = Field(1.0, ge=0)
     threshold: Float = Field(0.25, ge=-1, le=1)  # calibrated for all-MiniLM-L6-v2
     candidates_per_vector: Int = Field(32, ge=1)
