@@ -95,6 +95,8 @@ def _small_project(root: Path, docs: int = 1, rows: int | None = None, **over) -
         for stage in ("genericize", "instantiate", "judge"):
             cfg["model_profiles"]["embedded"][stage]["batch_size"] = rows
     cfg["corpora"] = [c for c in cfg["corpora"] if c["name"] == "debian"]
+    # Every pair reaches the judge, so each LLM stage has requests to be killed between.
+    cfg["gates"] = {k: False for k in ("request", "relevance", "grounded_fill", "answer_leak", "complete_answer")}
     for key, value in over.items():
         cfg[key] = value
     project.write_text(yaml.safe_dump(cfg, sort_keys=False))
