@@ -166,7 +166,7 @@ def test_gates_and_the_labelled_set_make_only_the_judged_corpus_stale(tiny_proje
     base = load_config(tiny_project, {"judge": {"labelled_set": "labels.jsonl"}})
     sig = {a: signature(base, a, "debian-00000", [], []) for a in ("instruction_pairs", "judged_corpus")}
     for override in (
-        {"gates": {"max_leaked_share": 0.5}},
+        {"gates": {"max_leaked_share": 0.3}},
         {"model_profiles": {"embedded": {"min_score": 3}}},
         {"model_profiles": {"embedded": {"gates": {"request": False}}}},
     ):
