@@ -271,6 +271,11 @@ class GateSettings:
     names_grounded: Bool = True  # any filled name or number the document lacks fails the gate
     answer_leak: Bool = True
     max_leaked_share: Float = Field(0.5, gt=0, le=1)
+    max_leaked_words: Int = Field(5, ge=1)  # the answer's own words (not the template's) the instruction holds
+    best_passage: Bool = True
+    # how much better (in cosine) another sentence of the document may match the instruction than the answer
+    max_passage_gap: Float = Field(0.2, ge=0)
+    max_passages: Int = Field(2000, ge=1)  # sentences of one document compared (evenly spaced beyond it)
     complete_answer: Bool = True
 
 

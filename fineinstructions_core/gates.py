@@ -8,7 +8,10 @@ answered by an unrelated paragraph. These gates catch such pairs with no LLM cal
 - `relevance`: the cosine between the instruction's and the answer's embeddings is at least a threshold
   (a relevance gate, not a correctness judge: an on-topic wrong answer passes it);
 - `grounded_fill`: the words that fill the template's slots come from the document (or the template);
-- `answer_leak`: the answer says something the instruction does not already say;
+- `answer_leak`: the answer says something the instruction does not already say (a share of its words,
+  or a count of its own words beyond the template's);
+- `best_passage`: no other sentence of the document matches the instruction much better than the answer
+  does (an on-topic answer from the wrong place: the document answers elsewhere, or not at all);
 - `complete_answer`: the answer is not cut mid-sentence.
 
 A pair fails with the first failing gate's reason, in the order above; the detail names every gate
@@ -33,6 +36,7 @@ REASONS = {
     "answer_leak": "answer_leaked",
     "grounded_fill": "ungrounded_fill",
     "relevance": "off_topic_answer",
+    "best_passage": "does_not_answer",
     "complete_answer": "fragment",
 }
 ORDER = tuple(REASONS)
@@ -144,6 +148,13 @@ def leaked_share(instruction: str, answer: str) -> float:
     return sum(w in held for w in ans) / len(ans)
 
 
+def leaked_words(instruction: str, answer: str, template: str | None) -> int:
+    """How many of the answer's distinct content words the instruction holds beyond the template's: a
+    long restatement leaks the answer even when the answer is long enough to keep the share low."""
+    own = set(content_stems(instruction)) - set(content_stems(template or ""))
+    return len(own & set(content_stems(answer)))
+
+
 _SLOT = re.compile(r"<fi>.*?</fi>", re.DOTALL)
 
 
@@ -192,6 +203,46 @@ def answer_is_complete(answer: str) -> bool:
     return bool(_END.search(text))
 
 
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def passages(document: str, limit: int) -> list[str]:
+    """The document's sentences of four words or more, at most `limit` of them, evenly spaced."""
+    sents = [s for s in _SENTENCE.split(document) if len(s.split()) >= 4]
+    if len(sents) > limit:
+        step = len(sents) / limit
+        sents = [sents[int(i * step)] for i in range(limit)]
+    return sents
+
+
+def passage_gaps(
+    embed: Callable[[list[str]], np.ndarray],
+    instructions: Sequence[str],
+    answers: Sequence[str],
+    documents: Sequence[str],
+    cosines: np.ndarray,
+    limit: int,
+) -> np.ndarray:
+    """Per pair: the best cosine between the instruction and a sentence of its document outside the
+    answer, minus the answer's own cosine (0 when the document has no other sentence). Each distinct
+    document's sentences are embedded once."""
+    gaps = np.zeros(len(instructions), dtype=np.float32)
+    by_doc: dict[str, list[int]] = {}
+    for i, d in enumerate(documents):
+        by_doc.setdefault(d, []).append(i)
+    queries = embed(list(instructions)) if len(instructions) else np.zeros((0, 1), dtype=np.float32)
+    for doc, idx in by_doc.items():
+        sents = passages(doc, limit)
+        if not sents:
+            continue
+        vecs = embed(sents)
+        for i in idx:
+            outside = np.array([s[:40] not in answers[i] for s in sents], dtype=bool)
+            if outside.any():
+                gaps[i] = float((vecs[outside] @ queries[i]).max()) - float(cosines[i])
+    return gaps
+
+
 def relevance(
     embed: Callable[[list[str]], np.ndarray], instructions: Sequence[str], answers: Sequence[str]
 ) -> np.ndarray:
@@ -213,6 +264,7 @@ class GateOutcome:
     relevance: float
     grounded_share: float
     leaked_share: float
+    passage_gap: float = 0.0
 
 
 def evaluate(
@@ -223,16 +275,20 @@ def evaluate(
     cosine: float,
     settings: GateSettings,
     relevance_threshold: float,
+    passage_gap: float = 0.0,
 ) -> GateOutcome:
     """Every gate's measurement for one pair, and the first enabled gate it fails."""
     g = settings
     grounded, missing, names = grounded_share(instruction, template, document)
     leaked = leaked_share(instruction, answer)
+    leaked_n = leaked_words(instruction, answer, template)
     failed: dict[str, str] = {}
     if g.request and (problem := request_problem(instruction)):
         failed["request"] = problem
-    if g.answer_leak and leaked >= g.max_leaked_share:
-        failed["answer_leak"] = f"{leaked:.2f} of the answer's words are in the instruction"
+    if g.answer_leak and (leaked >= g.max_leaked_share or leaked_n >= g.max_leaked_words):
+        failed["answer_leak"] = (
+            f"{leaked:.2f} of the answer's words, {leaked_n} of its own beyond the template's, are in the instruction"
+        )
     if g.grounded_fill and (grounded < g.min_grounded_share or (names and g.names_grounded)):
         failed["grounded_fill"] = (
             f"{grounded:.2f} of the filled words are in the document (not: {', '.join(missing[:6])}"
@@ -240,11 +296,13 @@ def evaluate(
         )
     if g.relevance and cosine < relevance_threshold:
         failed["relevance"] = f"instruction-answer cosine {cosine:.3f} < {relevance_threshold:.3f}"
+    if g.best_passage and passage_gap > g.max_passage_gap:
+        failed["best_passage"] = f"another sentence of the document matches the instruction {passage_gap:.3f} better"
     if g.complete_answer and not answer_is_complete(answer):
         failed["complete_answer"] = "the answer does not end like a sentence"
     first = next((REASONS[k] for k in ORDER if k in failed), None)
     detail = "; ".join(f"{REASONS[k]}: {v}" for k, v in failed.items())
-    return GateOutcome(first, detail, float(cosine), grounded, leaked)
+    return GateOutcome(first, detail, float(cosine), grounded, leaked, float(passage_gap))
 
 
 def evaluate_all(
@@ -256,11 +314,17 @@ def evaluate_all(
     settings: GateSettings,
     relevance_threshold: float,
 ) -> list[GateOutcome]:
-    """`evaluate` for many pairs, their cosines embedded in one batch (kept even with the gate off)."""
+    """`evaluate` for many pairs, their cosines embedded in one batch (kept even with the gate off); the
+    document's sentences are embedded only when `best_passage` is on."""
     cosines = relevance(embed, instructions, answers)
+    gaps = (
+        passage_gaps(embed, instructions, answers, documents, cosines, settings.max_passages)
+        if settings.best_passage
+        else np.zeros(len(instructions), dtype=np.float32)
+    )
     return [
-        evaluate(i, a, t, d, float(c), settings, relevance_threshold)
-        for i, a, t, d, c in zip(instructions, answers, templates, documents, cosines, strict=True)
+        evaluate(i, a, t, d, float(c), settings, relevance_threshold, float(gap))
+        for i, a, t, d, c, gap in zip(instructions, answers, templates, documents, cosines, gaps, strict=True)
     ]
 
 

@@ -57,6 +57,50 @@ def test_leaked_answer_is_measured_against_the_instruction():
     assert gates.leaked_share("anything", "") == 1.0  # an empty answer adds nothing
 
 
+def test_a_long_restatement_leaks_by_count_beyond_the_template():
+    """A long answer keeps the share low; the count of its own words in the instruction does not."""
+    answer = (
+        "His sense of her inferiority, of its being a degradation, of the family obstacles which judgment had "
+        "always opposed to inclination, were dwelt on with a warmth which seemed due to the consequence."
+    )
+    leaked = "Darcy dwelt warmly on her inferiority, the degradation and the family obstacles. What did he say?"
+    template = "<fi>a character</fi> <fi>the answer restated</fi>. what did he say?"
+    assert gates.leaked_share(leaked, answer) < 0.5
+    assert gates.leaked_words(leaked, answer, template) >= 5
+    assert gates.leaked_words("What did Darcy say?", answer, template) == 0
+    o = gates.evaluate(leaked, answer, template, answer + " Darcy", 0.7, GateSettings(), 0.3)
+    assert o.reason == "answer_leaked" and "of its own beyond the template's" in o.detail
+
+
+def test_best_passage_rejects_an_answer_from_the_wrong_place():
+    """With the embedded embedder: the document's own answering sentence beats an on-topic neighbour."""
+    from fineinstructions_core.embed import Embedder
+
+    embed = Embedder().embed_texts
+    right = "Bounce keys ignore key presses that are rapidly repeated, so a key pressed once types once."
+    wrong = "High contrast makes windows and buttons on the screen easier to see by drawing them in bold colours."
+    document = f"{wrong} {right} You can turn these options on in the accessibility settings."
+    question = "What stops a keyboard from typing twice when I tap it?"
+    only = GateSettings(grounded_fill=False)  # no template here: every word of the question is a fill
+    outcomes = gates.evaluate_all(
+        [question, question], [right, wrong], [None, None], [document, document], embed, only, 0.0
+    )
+    assert outcomes[0].reason is None and outcomes[0].passage_gap <= 0
+    assert outcomes[1].reason == "does_not_answer" and outcomes[1].passage_gap > 0.2
+    assert "matches the instruction" in outcomes[1].detail
+    off = gates.evaluate_all(
+        [question], [wrong], [None], [document], embed, GateSettings(grounded_fill=False, best_passage=False), 0.0
+    )
+    assert off[0].reason is None and off[0].passage_gap == 0.0  # the gate off: no sentence embedded
+
+
+def test_passages_are_capped_evenly():
+    doc = " ".join(f"Sentence number {i} is here." for i in range(100))
+    sents = gates.passages(doc, 10)
+    assert len(sents) == 10 and sents[0].startswith("Sentence number 0 ") and "number 90 " in sents[-1]
+    assert gates.passages("Too short. Also short.", 10) == []
+
+
 def test_filled_words_must_come_from_the_document_or_the_template():
     template = "what effects does <fi>a medical condition</fi> have on the <fi>a body part</fi>?"
     doc = "Diabetic retinopathy is a complication of diabetes that damages the blood vessels of the eye."

@@ -36,7 +36,8 @@ def _project(root: Path) -> Path:
         corpora=[{"name": "wiki", "path": "d/wiki.jsonl", "format": "jsonl", "id_field": "pid", "text_field": "text"}],
     )
     base["judge"]["labelled_set"] = "labels.jsonl"
-    base["gates"] = {"relevance_threshold": "calibrated", "relevance_keep_good": 1.0}
+    # The good pair is a definition, which repeats its subject: half its words are the instruction's.
+    base["gates"] = {"relevance_threshold": "calibrated", "relevance_keep_good": 1.0, "max_leaked_share": 0.6}
     base["model_profiles"]["embedded"]["judge"]["max_new_tokens"] = 40
     (root / "fineinstructions.yaml").write_text(yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
     return root / "fineinstructions.yaml"
@@ -75,7 +76,7 @@ def _pairs(doc: pd.Series) -> pd.DataFrame:
         ("statement", "A prime number is a natural number.", first),
         ("off_topic", "What is a prime number?", OFF_TOPIC),
         ("ungrounded", "What is a Klingon warbird?", first),
-        ("cut", "What is a prime number?", first[:40]),
+        ("cut", "What is a prime number?", first[: first.index(" other") + 3]),  # cut mid-word, adds words
     ]
     rows = []
     for name, instruction, answer in cases:
@@ -123,7 +124,9 @@ def test_gates_reject_with_reasons_and_the_judge_sees_only_the_rest(tmp_path: Pa
     assert reason[content_id("pair", "statement")] == "not_a_request"
     assert reason[content_id("pair", "off_topic")] == "off_topic_answer"
     assert reason[content_id("pair", "ungrounded")] == "ungrounded_fill"
-    assert reason[content_id("pair", "cut")] == "fragment"
+    # The cut answer fails more than one gate; every failure is in its detail, the first is its reason.
+    detail = dict(zip(rej["pair_id"], rej["detail"], strict=True))
+    assert "fragment: " in detail[content_id("pair", "cut")]
     gated = rej[rej["reason"] != "score_below_4"]
     assert gated["score"].isna().all() and gated["detail"].str.len().gt(0).all()
     assert set(out["pair_id"]) | set(rej["pair_id"]) == set(_pairs(doc)["pair_id"])  # none lost
