@@ -30,6 +30,14 @@ def record(fault: str, outcome: str) -> None:
             f.write(json.dumps({"fault": fault, "outcome": outcome}) + "\n")
 
 
+def gates_off() -> dict[str, bool]:
+    """Every gate of `GateSettings` switched off, including any added later."""
+    from fineinstructions_core.config import GateSettings
+
+    defaults = GateSettings()
+    return {name: False for name in GateSettings.__dataclass_fields__ if getattr(defaults, name) is True}
+
+
 def _head_jsonl(src: Path, dst: Path, n: int) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
@@ -74,11 +82,11 @@ def make_tiny_project(root: Path, queries: int = 6, docs: int = 2) -> Path:
     base["query_filters"]["eval_sets"] = ["eval.jsonl"]
     base["matching"]["target_complexity_sources"] = ["nq"]
     base["matching"]["threshold"] = 0.0  # every document gets templates, so later stages always have work
-    # No labelled judge set (its dev split would be judged for the plot), and gates lenient enough that
-    # the 135M models' pairs on these few documents still reach the training assets; the gates' own
+    # No labelled judge set (its dev split would be judged for the plot), and no gates, so the 135M models'
+    # pairs on these few documents still reach the judge and the training assets; the gates' own
     # rejections are tested in test_gates.py and test_judged_corpus_gates.py.
     base["judge"]["labelled_set"] = None
-    base["gates"] = {"relevance_threshold": 0.0, "request": False, "grounded_fill": False, "complete_answer": False}
+    base["gates"] = gates_off()
     # The training assets at their smallest: short blocks (a tiny corpus fills few) and a few questions.
     base["pretraining"].update(sequence_length=32, batch_size=4)
     base["comparison"].update(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_tiny_project, record
+from conftest import ROOT, gates_off, make_tiny_project, record
 
 pytestmark = pytest.mark.fault
 
@@ -96,7 +96,7 @@ def _small_project(root: Path, docs: int = 1, rows: int | None = None, **over) -
             cfg["model_profiles"]["embedded"][stage]["batch_size"] = rows
     cfg["corpora"] = [c for c in cfg["corpora"] if c["name"] == "debian"]
     # Every pair reaches the judge, so each LLM stage has requests to be killed between.
-    cfg["gates"] = {k: False for k in ("request", "relevance", "grounded_fill", "answer_leak", "complete_answer")}
+    cfg["gates"] = gates_off()
     for key, value in over.items():
         cfg[key] = value
     project.write_text(yaml.safe_dump(cfg, sort_keys=False))

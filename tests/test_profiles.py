@@ -178,4 +178,4 @@ def test_gates_and_the_labelled_set_make_only_the_judged_corpus_stale(tiny_proje
     # A profile's own decision replaces the sections for that profile only.
     cfg = load_config(tiny_project, {"model_profiles": {"embedded": {"min_score": 3, "gates": {"request": False}}}})
     assert cfg.min_score == 3 and cfg.gates.request is False and cfg.gates.relevance is True
-    assert cfg.with_profile("distilled").min_score == cfg.judge.min_score
+    assert cfg.with_profile("paper").min_score == cfg.judge.min_score
