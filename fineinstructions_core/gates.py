@@ -179,10 +179,11 @@ def _names(text: str) -> set[str]:
 
 def grounded_share(instruction: str, template: str | None, document: str) -> tuple[float, list[str], list[str]]:
     """The share of the words that fill the template's slots (or, when the instruction does not follow
-    the template, of its words the template does not hold) found in the document or the template; the
-    words that were not; and those of them written as names or numbers. A word counts as found when its
-    stem is, or (from 6 letters) its first 5."""
-    template_words = set(content_stems(template or ""))
+    the template, of its words the template does not hold) found in the document or the template's fixed
+    text (a slot's own example words are not a fill); the words that were not; and those of them
+    written as names or numbers. A word counts as found when its stem is, or (from 6 letters) its first 5."""
+    # the template's fixed text only: a slot's own words copied into the instruction leave it unfilled
+    template_words = set(content_stems(_SLOT.sub(" ", template or "")))
     fills = slot_fills(instruction, template) if template else None
     fill = [w for w in dict.fromkeys(content_stems(fills if fills is not None else instruction))]
     fill = [w for w in fill if w not in template_words]

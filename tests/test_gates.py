@@ -101,16 +101,21 @@ def test_passages_are_capped_evenly():
     assert gates.passages("Too short. Also short.", 10) == []
 
 
-def test_filled_words_must_come_from_the_document_or_the_template():
+def test_filled_words_must_come_from_the_document_or_the_templates_fixed_text():
     template = "what effects does <fi>a medical condition</fi> have on the <fi>a body part</fi>?"
     doc = "Diabetic retinopathy is a complication of diabetes that damages the blood vessels of the eye."
     share, missing, names = gates.grounded_share("what effects does diabetes have on the eye?", template, doc)
     assert share == 1.0 and missing == [] == names
     share, missing, names = gates.grounded_share("what effects does malaria have on the liver?", template, doc)
     assert share == 0.0 and set(missing) == {"malaria", "liver"} and names == []
-    # Words of the slot descriptions count as the template's ("condition" is not a filled word).
-    share, _, _ = gates.grounded_share("what effects does a medical condition have on the eye?", template, doc)
-    assert share == 1.0
+    # A slot's own words left in place are not a fill: "medical condition" is not in the document.
+    share, missing, _ = gates.grounded_share("what effects does a medical condition have on the eye?", template, doc)
+    assert share == pytest.approx(1 / 3) and set(missing) == {"medical", "condition"}
+    # The pipeline's typical case: a template whose slots hold example values, copied unchanged.
+    valley = "what does the <fi> valley</fi> in <fi>Los Angeles</fi>"
+    fresno = "Fresno is the largest city in the San Joaquin Valley, in the Central Valley of California."
+    share, missing, names = gates.grounded_share("what does the valley in Los Angeles?", valley, fresno)
+    assert share == pytest.approx(1 / 3) and set(missing) == set(names) == {"los", "angele"}
     # One invented name among grounded words: the share passes, the name does not.
     share, missing, names = gates.grounded_share(
         "what effects does diabetes have on the eye in Queensland?", template.replace("?", " in <fi>a place</fi>?"), doc
