@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import string
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,28 @@ _STOPWORDS = frozenset(
     "where why how did do does that this these those it its as into than then there their".split()
 )
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+Progress = Callable[[int, int], None]
+
+
+def progress_logger(logger: Callable[[str], None], what: str, every_s: float = 15.0) -> Progress:
+    """A `(done, total)` callback that logs `what` with a rate and ETA at most every `every_s` seconds.
+
+    Answering hundreds of questions with three models takes minutes on a CPU; without it the run log
+    is silent for that long.
+    """
+    start = time.perf_counter()
+    last = [start]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - last[0] < every_s:
+            return
+        last[0] = now
+        rate = done / max(now - start, 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        logger(f"{what}: {done}/{total}, {rate:.2f}/s, ETA {eta:.0f}s")
+
+    return report
 
 
 def prompt(question: str) -> str:
@@ -90,7 +113,13 @@ class CausalLM:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
 
-    def answer_logprob(self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> list[float]:
+    def answer_logprob(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        batch_size: int = 8,
+        progress: Progress | None = None,
+    ) -> list[float]:
         """Mean per-token log-likelihood of each answer (preceded by a space) after its prompt."""
         import torch
 
@@ -112,10 +141,17 @@ class CausalLM:
                 positions = torch.arange(len(p) - 1, len(p) + len(a) - 1)  # each answer token's predictor
                 target = torch.tensor(a)
                 out.append(float(logprobs[r, positions, target].mean()))
+            if progress:
+                progress(len(out), len(rows))
         return out
 
     def greedy(
-        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8, min_new_tokens: int = 0
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int = 8,
+        min_new_tokens: int = 0,
+        progress: Progress | None = None,
     ) -> list[str]:
         """Greedy continuations of at least `min_new_tokens`, cut where the next training text would begin."""
         import torch
@@ -139,6 +175,8 @@ class CausalLM:
             for row, i in enumerate(idx):
                 text = tok.decode(gen[row, enc.input_ids.shape[1] :], skip_special_tokens=True)
                 answers[i] = cut_answer(text)
+            if progress:
+                progress(min(b + batch_size, len(order)), len(order))
         return answers
 
     def close(self) -> Any:

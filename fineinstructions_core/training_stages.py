@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -313,15 +314,42 @@ def instruction_prompts(ctx: StageContext) -> tuple[pd.DataFrame, list[dict[str,
     return out.reset_index(drop=True), rejected
 
 
-def _ask(model_path: Path, knowledge: pd.DataFrame, prompts: pd.DataFrame, cfg: Config, device: str) -> dict[str, Any]:
+def _ask(
+    role: str,
+    model_path: Path,
+    knowledge: pd.DataFrame,
+    prompts: pd.DataFrame,
+    cfg: Config,
+    device: str,
+    logger: Callable[[str], None],
+) -> dict[str, Any]:
     c = cfg.comparison
     lm = model_eval.CausalLM(model_path, device)
     k_prompts = [model_eval.prompt(q) for q in knowledge["question"]]
     refs = knowledge["references"].tolist()
-    loglik = lm.answer_logprob(k_prompts, [r[0] for r in refs], c.batch_size) if len(knowledge) else []
-    k_answers = lm.greedy(k_prompts, c.max_new_tokens, c.batch_size, c.min_new_tokens) if len(knowledge) else []
+    loglik, k_answers = [], []
+    if len(knowledge):
+        loglik = lm.answer_logprob(
+            k_prompts,
+            [r[0] for r in refs],
+            c.batch_size,
+            model_eval.progress_logger(logger, f"model_comparison: {role} reference likelihoods"),
+        )
+        k_answers = lm.greedy(
+            k_prompts,
+            c.max_new_tokens,
+            c.batch_size,
+            c.min_new_tokens,
+            model_eval.progress_logger(logger, f"model_comparison: {role} knowledge answers"),
+        )
     i_prompts = [model_eval.prompt(p) for p in prompts["prompt"]]
-    i_answers = lm.greedy(i_prompts, c.max_new_tokens, c.batch_size, c.min_new_tokens)
+    i_answers = lm.greedy(
+        i_prompts,
+        c.max_new_tokens,
+        c.batch_size,
+        c.min_new_tokens,
+        model_eval.progress_logger(logger, f"model_comparison: {role} prompt answers"),
+    )
     lm.close()
     return {"loglik": loglik, "knowledge_answers": k_answers, "instruction_answers": i_answers}
 
@@ -397,7 +425,7 @@ def model_comparison(ctx: StageContext) -> StageResult:
     }
     device = pick_device(cfg.pretraining.device)
     ctx.logger(f"model_comparison: {len(knowledge)} knowledge questions, {len(prompts)} prompts, 3 models on {device}")
-    asked = {role: _ask(path, knowledge, prompts, cfg, device) for role, (path, _) in models.items()}
+    asked = {role: _ask(role, path, knowledge, prompts, cfg, device, ctx.logger) for role, (path, _) in models.items()}
 
     # Every model's answer to every prompt is judged; a prompt counts only where all three were scored.
     # An empty answer does not respond to the instruction: the rubric's score 1, without asking the judge.

@@ -190,7 +190,19 @@ def test_comparison_numbers_come_from_the_models(trained_project):
     again = lm.answer_logprob(prompts, [d["references"][0] for d in knowledge])
     assert again == pytest.approx([d["loglik"] for d in knowledge], abs=1e-5)
     c = cfg.comparison
-    assert lm.greedy(prompts, c.max_new_tokens, c.batch_size, c.min_new_tokens) == [d["answer"] for d in knowledge]
+    calls: list[tuple[int, int]] = []
+    answers = lm.greedy(prompts, c.max_new_tokens, c.batch_size, c.min_new_tokens, lambda d, t: calls.append((d, t)))
+    assert answers == [d["answer"] for d in knowledge]
+    assert calls[-1] == (len(prompts), len(prompts))  # progress reaches the end
+
+
+def test_progress_logger_reports_the_end_and_throttles_the_rest():
+    lines: list[str] = []
+    report = model_eval.progress_logger(lines.append, "answers", every_s=3600)
+    for done in range(1, 11):
+        report(done, 10)
+    assert len(lines) == 1  # only the last call: the others fall inside the interval
+    assert lines[0].startswith("answers: 10/10, ") and "ETA 0s" in lines[0]
 
 
 def test_sft_export_loads_with_datasets(trained_project):
