@@ -95,6 +95,17 @@ STOPWORDS = frozenset(
 )
 _SUFFIXES = ("ingly", "edly", "ings", "ing", "ied", "ies", "ed", "ly", "s")
 _END = re.compile(r"""[.!?]["'”’)\]]*\s*$|[:;]\s*$""")
+# A word a slot's fill left out: an article or a possessive with a preposition, another article or a
+# stop right after it ("The of the Mesozoic", "What are the in the ...", "the report's  in"), or two
+# spaces mid-phrase where a fill was empty. The article is lower case, or capitalised where a sentence
+# starts: "vitamin A in food" is a name. Code words follow an article as nouns ("the in operator").
+_PREP = r"(?:of|in|on|at|to|for|by|with|from|into|the|a|an|and|or|is|are|was|were)"
+_CODE_NOUN = r"(?:\s+(?:operator|keyword|statement|loop|clause|command|function|method|flag|option)\b)"
+_MISSING_WORD = re.compile(
+    rf"(?:\b(?:the|a|an)|(?:^|(?<=[.?!]\s))(?:The|A|An))(?:\s+{_PREP}\b(?![-/'])(?!{_CODE_NOUN})|[?,.;:!])"
+    r"|\w's\s+(?:of|in|on|at|to|for|by|with|from|into)\b"
+    r"|[^\s.?!] {2,}\S"
+)
 
 
 def words(text: str) -> list[str]:
@@ -126,6 +137,8 @@ def request_problem(instruction: str) -> str | None:
         return f"fragment: {len(ws)} word(s)"
     if ws[-1] in DANGLING and not text.rstrip().endswith((".", "!")):
         return f"fragment: ends with {ws[-1]!r}"
+    if m := _MISSING_WORD.search(text):
+        return f"fragment: a word is missing at {m.group(0)!r}"
     lowered = " ".join(ws)
     if text.endswith("?") or ws[0] in QUESTION_WORDS or ws[0] in REQUEST_VERBS:
         return None

@@ -50,6 +50,34 @@ def test_non_requests_fail_with_why(instruction: str, why: str):
     assert why in gates.request_problem(instruction)
 
 
+@pytest.mark.parametrize(
+    "instruction, at",
+    [
+        ("how did the Meuse end up in the North Sea? The of the Mesozoic", "The of"),
+        ("What are the in the IPCC consensus approach?", "the in"),
+        ("what are the IPCC's 2001 report's  in the world's climate?", "'s  in"),
+        ("Where does the, in the film, sleep?", "the,"),
+    ],
+)
+def test_a_fill_that_left_a_word_out_is_a_fragment(instruction: str, at: str):
+    problem = gates.request_problem(instruction)
+    assert problem and problem.startswith("fragment: a word is missing") and at in problem
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        "What is vitamin A in food?",  # a capital letter mid-sentence is a name, not an article
+        "How does the in operator work in Python?",  # a code word after an article is a noun
+        "Who pays for the in-laws' travel?",
+        "Why didn't people enjoy Mary Bennet's playing as much as Elizabeth's?",
+        "How do I turn high contrast on and off?  It is too dark.",  # two spaces after a sentence
+    ],
+)
+def test_words_that_only_look_missing_pass(instruction: str):
+    assert gates.request_problem(instruction) is None
+
+
 def test_leaked_answer_is_measured_against_the_instruction():
     leaked = "Given that bounce keys ignore key presses that are rapidly repeated, what do bounce keys do?"
     assert gates.leaked_share(leaked, "Bounce keys ignore key presses that are rapidly repeated.") >= 0.8
