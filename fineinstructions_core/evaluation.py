@@ -247,12 +247,28 @@ def calibrate_threshold(
     }
 
 
-def concatenated_articles(data: LabelledSet) -> LabelledSet:
-    """Each article's paragraphs joined into one long document, its questions linked to it: matching
-    on long documents, where local vectors should help."""
+def _articles(data: LabelledSet) -> dict[str, list[int]]:
+    """Each article's paragraph indices in order, keyed by its title (a paragraph without one is its own)."""
     by_title: dict[str, list[int]] = {}
     for j, t in enumerate(data.titles):
         by_title.setdefault(t or data.pids[j], []).append(j)
+    return by_title
+
+
+def _joined(data: LabelledSet, members: list[int]) -> tuple[str, dict[str, tuple[int, int]]]:
+    """An article's paragraphs joined by blank lines, and each paragraph's character span in the result."""
+    text, spans = "", {}
+    for j in members:
+        start = len(text) + (2 if text else 0)
+        text = f"{text}\n\n{data.texts[j]}" if text else data.texts[j]
+        spans[data.pids[j]] = (start, len(text))
+    return text, spans
+
+
+def concatenated_articles(data: LabelledSet) -> LabelledSet:
+    """Each article's paragraphs joined into one long document, its questions linked to it: matching
+    on long documents, where local vectors should help."""
+    by_title = _articles(data)
     article_of = {data.pids[j]: title for title, members in by_title.items() for j in members}
     titles = list(by_title)
     return LabelledSet(
@@ -260,7 +276,7 @@ def concatenated_articles(data: LabelledSet) -> LabelledSet:
         [article_of[p] for p in data.question_pids],
         list(data.impossible),
         titles,
-        ["\n\n".join(data.texts[j] for j in by_title[t]) for t in titles],
+        [_joined(data, by_title[t])[0] for t in titles],
         titles,
     )
 
@@ -282,18 +298,8 @@ def long_document_coverage(
     vector k we take its best question and compare where that question points with the vector's centre
     k/(K+1). Reports the Pearson correlation over all (centre, position) pairs and the mean distance.
     """
-    by_title: dict[str, list[int]] = {}
-    for j, t in enumerate(data.titles):
-        by_title.setdefault(t or data.pids[j], []).append(j)
-    docs, spans = [], []
-    for members in by_title.values():
-        text, pos = "", {}
-        for j in members:
-            start = len(text) + (2 if text else 0)
-            text = f"{text}\n\n{data.texts[j]}" if text else data.texts[j]
-            pos[data.pids[j]] = (start, len(text))
-        docs.append(text)
-        spans.append(pos)
+    joined = [_joined(data, members) for members in _articles(data).values()]
+    docs, spans = [t for t, _ in joined], [p for _, p in joined]
     pooled = embedder.embed_documents(docs, K, sigma, alpha, min_width=min_width)
     min_tokens = min_tokens or embedder.window
     q_idx = [i for i, imp in enumerate(data.impossible) if not imp]

@@ -7,7 +7,14 @@ import pytest
 
 from fineinstructions_assets.cli import main
 from fineinstructions_core.embed import Embedder
-from fineinstructions_core.evaluation import LabelledSet, calibrate_threshold, evaluate, ranking_metrics
+from fineinstructions_core.evaluation import (
+    LabelledSet,
+    _joined,
+    calibrate_threshold,
+    concatenated_articles,
+    evaluate,
+    ranking_metrics,
+)
 
 
 def test_ranking_metrics_by_hand():
@@ -132,6 +139,24 @@ def test_eval_matching_cli_on_any_pair_of_files(tmp_path: Path, capsys):
         )
         == 2
     )
+
+
+def test_articles_join_their_paragraphs_in_order_and_keep_each_ones_span():
+    data = LabelledSet(
+        ["q1", "q2", "q3"],
+        ["p2", "p1", "p3"],
+        [False, False, True],
+        ["p1", "p2", "p3"],
+        ["First part.", "Second part.", "Alone."],
+        ["Rome", "Rome", None],
+    )
+    long = concatenated_articles(data)
+    assert long.pids == long.titles == ["Rome", "p3"]  # a paragraph without a title is its own article
+    assert long.texts == ["First part.\n\nSecond part.", "Alone."]
+    assert long.question_pids == ["Rome", "Rome", "p3"]
+    text, spans = _joined(data, [0, 1])
+    assert text == long.texts[0]
+    assert [text[a:b] for a, b in spans.values()] == ["First part.", "Second part."]
 
 
 def test_spread_and_question_sample(tmp_path: Path):
