@@ -47,6 +47,23 @@ def _head_jsonl(src: Path, dst: Path, n: int) -> None:
             g.write(line)
 
 
+def squad_project(root: Path, paragraphs: int, **overrides: object) -> tuple[Path, dict]:
+    """The real config over the first `paragraphs` shipped SQuAD paragraphs (corpus `wiki`, shards of 3),
+    top-level keys in `overrides` replaced; the caller edits the returned dict, then `write_config`."""
+    _head_jsonl(SAMPLE / "documents" / "squad_v2_half_paragraphs.jsonl", root / "d" / "wiki.jsonl", paragraphs)
+    base = yaml.safe_load((ROOT / "fineinstructions.yaml").read_text())
+    wiki = {"name": "wiki", "path": "d/wiki.jsonl", "format": "jsonl", "id_field": "pid", "text_field": "text"}
+    base.update(data_dir="data", scale="full", shard_size=3, corpora=[wiki])
+    base.update(overrides)
+    base["model_profiles"]["embedded"]["judge"]["max_new_tokens"] = 40
+    return root / "fineinstructions.yaml", base
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def make_tiny_project(root: Path, queries: int = 6, docs: int = 2) -> Path:
     """A self-contained project: 2 query sources, 2 corpora (one of them a long book), the real config."""
     (root / "q").mkdir(parents=True, exist_ok=True)

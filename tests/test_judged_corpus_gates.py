@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
-from conftest import ROOT, SAMPLE, _head_jsonl
+from conftest import squad_project, write_config
 from dagster import DagsterInstance, materialize
 
 from fineinstructions_assets.assets import documents, judged_corpus
@@ -27,20 +26,11 @@ OFF_TOPIC = "Turn on bounce keys to ignore key presses that are rapidly repeated
 
 
 def _project(root: Path) -> Path:
-    _head_jsonl(SAMPLE / "documents" / "squad_v2_half_paragraphs.jsonl", root / "d" / "wiki.jsonl", 3)
-    base = yaml.safe_load((ROOT / "fineinstructions.yaml").read_text())
-    base.update(
-        data_dir="data",
-        scale="full",
-        shard_size=3,
-        corpora=[{"name": "wiki", "path": "d/wiki.jsonl", "format": "jsonl", "id_field": "pid", "text_field": "text"}],
-    )
+    path, base = squad_project(root, 3)
     base["judge"]["labelled_set"] = "labels.jsonl"
     # The good pair is a definition, which repeats its subject: half its words are the instruction's.
     base["gates"] = {"relevance_threshold": "calibrated", "relevance_keep_good": 1.0, "max_leaked_share": 0.6}
-    base["model_profiles"]["embedded"]["judge"]["max_new_tokens"] = 40
-    (root / "fineinstructions.yaml").write_text(yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
-    return root / "fineinstructions.yaml"
+    return write_config(path, base)
 
 
 def _labels(root: Path, text: str) -> None:

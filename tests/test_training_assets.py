@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from conftest import ROOT, SAMPLE, _head_jsonl
+from conftest import ROOT, SAMPLE, _head_jsonl, squad_project, write_config
 from dagster import DagsterInstance, materialize
 
 from fineinstructions_assets.assets import (
@@ -35,26 +34,10 @@ from fineinstructions_core.io.lake import Lake
 
 
 def _project(root: Path) -> Path:
-    _head_jsonl(SAMPLE / "documents" / "squad_v2_half_paragraphs.jsonl", root / "d" / "wiki.jsonl", 6)
     _head_jsonl(SAMPLE / "queries" / "arena_hard_v0.1.jsonl", root / "q" / "arena.jsonl", 5)
-    base = yaml.safe_load((ROOT / "fineinstructions.yaml").read_text())
-    base.update(
-        data_dir="data",
-        scale="full",
-        shard_size=3,
-        query_sources=[{"name": "arena", "path": "q/arena.jsonl", "format": "jsonl", "text_field": "prompt"}],
-        corpora=[
-            {
-                "name": "wiki",
-                "path": "d/wiki.jsonl",
-                "format": "jsonl",
-                "id_field": "pid",
-                "text_field": "text",
-                "title_field": "title",
-                "license": "CC-BY-SA-4.0",
-            }
-        ],
-    )
+    arena = {"name": "arena", "path": "q/arena.jsonl", "format": "jsonl", "text_field": "prompt"}
+    path, base = squad_project(root, 6, query_sources=[arena])
+    base["corpora"][0].update(title_field="title", license="CC-BY-SA-4.0")
     base["query_filters"]["eval_sets"] = []
     base["pretraining"].update(sequence_length=64, batch_size=4, heldout_documents=0.2, checkpoint_every=2)
     base["comparison"].update(
@@ -64,10 +47,7 @@ def _project(root: Path) -> Path:
         max_prompts=3,
         max_new_tokens=16,
     )
-    base["model_profiles"]["embedded"]["judge"]["max_new_tokens"] = 40
-    path = root / "fineinstructions.yaml"
-    path.write_text(yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
-    return path
+    return write_config(path, base)
 
 
 def _judged_pairs(lake: Lake, shard: str) -> pd.DataFrame:
