@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import string
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,27 +22,6 @@ _STOPWORDS = frozenset(
 )
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 Progress = Callable[[int, int], None]
-
-
-def progress_logger(logger: Callable[[str], None], what: str, every_s: float = 15.0) -> Progress:
-    """A `(done, total)` callback that logs `what` with a rate and ETA at most every `every_s` seconds.
-
-    Answering hundreds of questions with three models takes minutes on a CPU; without it the run log
-    is silent for that long.
-    """
-    start = time.perf_counter()
-    last = [start]
-
-    def report(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - last[0] < every_s:
-            return
-        last[0] = now
-        rate = done / max(now - start, 1e-9)
-        eta = (total - done) / rate if rate > 0 else float("inf")
-        logger(f"{what}: {done}/{total}, {rate:.2f}/s, ETA {eta:.0f}s")
-
-    return report
 
 
 def prompt(question: str) -> str:

@@ -104,19 +104,25 @@ def llm_for(cfg: Config, stage: str) -> CachedLLM:
 
 
 class ProgressReporter:
-    """done/total, tokens/s and ETA, at most every `every` seconds (and at the end)."""
+    """done/total, the rate (tokens/s when the caller counts tokens, else items/s) and ETA, at most every
+    `every` seconds (and at the end)."""
 
-    def __init__(self, label: str, logger: Logger, every: float = 15.0):
-        self.label, self.logger, self.every = label, logger, every
+    def __init__(self, label: str, logger: Logger, every: float = 15.0, unit: str = "requests"):
+        self.label, self.logger, self.every, self.unit = label, logger, every, unit
         self.start = time.perf_counter()
         self.last = 0.0
 
-    def __call__(self, done: int, total: int, tokens: int) -> None:
+    def __call__(self, done: int, total: int, tokens: int | None = None) -> None:
         now = time.perf_counter()
         if done < total and now - self.last < self.every:
             return
         self.last = now
         elapsed = now - self.start
-        rate = tokens / elapsed if elapsed > 0 else 0.0
         eta = (elapsed / done * (total - done)) if done else float("nan")
-        self.logger(f"{self.label}: {done}/{total} requests, {tokens} new tokens, {rate:.1f} tok/s, ETA {eta:.0f}s")
+        head = f"{self.label}: {done}/{total} {self.unit}"
+        if tokens is None:
+            rate = done / elapsed if elapsed > 0 else 0.0
+            self.logger(f"{head}, {rate:.2f}/s, ETA {eta:.0f}s")
+        else:
+            rate = tokens / elapsed if elapsed > 0 else 0.0
+            self.logger(f"{head}, {tokens} new tokens, {rate:.1f} tok/s, ETA {eta:.0f}s")

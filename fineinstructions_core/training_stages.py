@@ -27,7 +27,7 @@ from .llm.models import resolve_llm
 from .llm_requests import judge_request
 from .plots import svg_markdown
 from .pretrain import MIN_TOKENS, PackedData, pack, pick_device, pretrain_causal_lm
-from .stage_base import StageContext, StageResult
+from .stage_base import ProgressReporter, StageContext, StageResult
 from .training import TrainReport, loss_curve_svg
 
 log = logging.getLogger(__name__)
@@ -325,31 +325,20 @@ def _ask(
 ) -> dict[str, Any]:
     c = cfg.comparison
     lm = model_eval.CausalLM(model_path, device)
+
+    def progress(what: str) -> ProgressReporter:
+        return ProgressReporter(f"model_comparison: {role} {what}", logger, unit="answers")
+
+    def answer(questions: list[str], what: str) -> list[str]:
+        return lm.greedy(questions, c.max_new_tokens, c.batch_size, c.min_new_tokens, progress(what))
+
     k_prompts = [model_eval.prompt(q) for q in knowledge["question"]]
     refs = knowledge["references"].tolist()
     loglik, k_answers = [], []
     if len(knowledge):
-        loglik = lm.answer_logprob(
-            k_prompts,
-            [r[0] for r in refs],
-            c.batch_size,
-            model_eval.progress_logger(logger, f"model_comparison: {role} reference likelihoods"),
-        )
-        k_answers = lm.greedy(
-            k_prompts,
-            c.max_new_tokens,
-            c.batch_size,
-            c.min_new_tokens,
-            model_eval.progress_logger(logger, f"model_comparison: {role} knowledge answers"),
-        )
-    i_prompts = [model_eval.prompt(p) for p in prompts["prompt"]]
-    i_answers = lm.greedy(
-        i_prompts,
-        c.max_new_tokens,
-        c.batch_size,
-        c.min_new_tokens,
-        model_eval.progress_logger(logger, f"model_comparison: {role} prompt answers"),
-    )
+        loglik = lm.answer_logprob(k_prompts, [r[0] for r in refs], c.batch_size, progress("reference likelihoods"))
+        k_answers = answer(k_prompts, "knowledge answers")
+    i_answers = answer([model_eval.prompt(p) for p in prompts["prompt"]], "prompt answers")
     lm.close()
     return {"loglik": loglik, "knowledge_answers": k_answers, "instruction_answers": i_answers}
 

@@ -31,6 +31,7 @@ from fineinstructions_core import model_eval, training_stages
 from fineinstructions_core.config import load_config
 from fineinstructions_core.ids import content_id
 from fineinstructions_core.io.lake import Lake
+from fineinstructions_core.stage_base import ProgressReporter
 
 
 def _project(root: Path) -> Path:
@@ -178,11 +179,11 @@ def test_comparison_numbers_come_from_the_models(trained_project):
 
 def test_progress_logger_reports_the_end_and_throttles_the_rest():
     lines: list[str] = []
-    report = model_eval.progress_logger(lines.append, "answers", every_s=3600)
+    report = ProgressReporter("answers", lines.append, every=3600, unit="answers")
     for done in range(1, 11):
         report(done, 10)
-    assert len(lines) == 1  # only the last call: the others fall inside the interval
-    assert lines[0].startswith("answers: 10/10, ") and "ETA 0s" in lines[0]
+    assert len(lines) == 2  # the first call and the last: the others fall inside the interval
+    assert lines[-1].startswith("answers: 10/10 answers, ") and "ETA 0s" in lines[-1]
 
 
 def test_sft_export_loads_with_datasets(trained_project):
