@@ -128,8 +128,9 @@ class QuerySource:
     format: Literal["jsonl", "json", "tsv", "tsv.gz", "parquet", "arrow"]
     text_field: Str | None = None  # a dotted path; a number indexes a list: conversation.0.content
     text_column: Int = Field(0, ge=0)
-    # first_user: text_field names a list of chat messages and the query is the first user turn
-    turn: Literal["first_user"] | None = None
+    # text_field names a list of chat messages; first_user: the query is the first user turn (the
+    # paper's choice); all_user: every user turn is a query of its own
+    turn: Literal["first_user", "all_user"] | None = None
     license: Str | None = None  # stated in the exported dataset's card
 
     def files(self, root: Path) -> list[Path]:

@@ -241,6 +241,28 @@ def test_chat_sources_first_user_turn_and_list_index(tmp_path):
     assert len(qs.output) == 2
 
 
+def test_all_user_turns_are_each_a_query_with_the_records_lineage(tmp_path):
+    chats = WILDCHAT + [[{"role": "user", "content": "a good first turn"}, {"role": "user", "content": None}]]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"conversation": c}) + "\n" for c in chats))
+    source = {"name": "chats", "path": "chats.jsonl", "format": "jsonl", "text_field": "conversation"}
+    cfg = load_config(_project(tmp_path, query_sources=[source | {"turn": "all_user"}]))
+    res = run_stage(cfg, "raw_queries", "chats", ["chats"], [])
+    assert list(res.output["text"]) == [
+        "how do I repot a cactus without getting hurt?",
+        "what is the best way to learn rust?",
+        "second turn, not a query",
+        "a good first turn",
+    ]
+    # Both turns of record 1 point back to it, with distinct query ids.
+    assert list(res.output["record"]) == [0, 1, 1, 4]
+    assert res.output["query_id"].is_unique
+    rej = res.rejections.set_index("record")
+    assert list(rej["reason"]) == ["no_user_turn", "wrong_type", "wrong_type"]
+    assert list(rej.index) == [2, 3, 4]
+    assert "user turn" in rej.loc[4, "detail"]
+    assert res.accounting.balanced
+
+
 # ------------------------------------------------------------------------------------ template sources
 
 GOOD = [

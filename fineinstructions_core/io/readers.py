@@ -28,7 +28,8 @@ batch, only the columns the mapping names, never the whole file at once; a recor
   with the detail "is null", bytes that are not UTF-8 (in a string or binary column) are `invalid_utf8`.
 
 Field paths are dotted and a number indexes a list, so `conversation.0.content` is the first message's
-content; a query source with `turn: first_user` takes the first message whose role is the user's.
+content; a query source with `turn: first_user` takes the first message whose role is the user's (the
+paper's choice), `turn: all_user` every user message, each its own query with the record's lineage.
 """
 
 from __future__ import annotations
@@ -276,21 +277,27 @@ class NoUserTurn(ValueError):
     """A conversation without a message from the user."""
 
 
-def first_user_turn(messages: Any) -> Any:
-    """The content of the first message whose role is the user's, whichever common spelling the file
-    uses (`role`/`from`, `content`/`value`, `user`/`human`); the other turns are not queries."""
+def user_turns(messages: Any, first_only: bool = True) -> list[Any]:
+    """The contents of the messages whose role is the user's (only the first when `first_only`, the
+    paper's choice), whichever common spelling the file uses (`role`/`from`, `content`/`value`,
+    `user`/`human`); the other turns are not queries."""
     if not isinstance(messages, list):
         raise TypeError(f"expected a list of messages, not {type(messages).__name__}")
+    found: list[Any] = []
     for msg in messages:
         if not isinstance(msg, dict):
             continue
         role = next((msg[k] for k in ROLE_KEYS if msg.get(k) is not None), None)
         if isinstance(role, str) and role.lower() in USER_ROLES:
-            for k in CONTENT_KEYS:
-                if k in msg:
-                    return msg[k]
-            raise NoUserTurn(f"the first user message has none of the keys {', '.join(CONTENT_KEYS)}")
-    raise NoUserTurn(f"no message with role {' or '.join(USER_ROLES)} (keys {', '.join(ROLE_KEYS)})")
+            content = next((msg[k] for k in CONTENT_KEYS if k in msg), _MISSING)
+            if content is _MISSING:
+                raise NoUserTurn(f"a user message has none of the keys {', '.join(CONTENT_KEYS)}")
+            found.append(content)
+            if first_only:
+                break
+    if not found:
+        raise NoUserTurn(f"no message with role {' or '.join(USER_ROLES)} (keys {', '.join(ROLE_KEYS)})")
+    return found
 
 
 def read_query_source(source: QuerySource, root: Path, limit: int | None = None) -> Iterator[Record | Rejected]:
@@ -324,11 +331,14 @@ def _read_query_file(source: QuerySource, path: Path, rel: str) -> Iterator[Reco
             yield Rejected(rel, 0, "malformed_json", "expected a JSON array of objects", "")
             return
         for i, obj in enumerate(data):
-            yield _query_from_obj(source, obj, rel, i, json.dumps(obj)[:MAX_SNIPPET])
+            yield from _query_from_obj(source, obj, rel, i, json.dumps(obj)[:MAX_SNIPPET])
         return
     if source.format == "jsonl":
         for item in _json_lines(path, rel):
-            yield item if isinstance(item, Rejected) else _query_from_obj(source, item[1], rel, item[0], item[2])
+            if isinstance(item, Rejected):
+                yield item
+            else:
+                yield from _query_from_obj(source, item[1], rel, item[0], item[2])
         return
     if source.format in ("parquet", "arrow"):
         field_name = source.text_field or ""
@@ -337,7 +347,7 @@ def _read_query_file(source: QuerySource, path: Path, rel: str) -> Iterator[Reco
                 yield item
                 continue
             i, row = item
-            yield _query_value(source, row["text"], rel, i, lambda row=row: _snippet(repr(row["text"])))
+            yield from _query_value(source, row["text"], rel, i, lambda row=row: _snippet(repr(row["text"])))
         return
     col = source.text_column or 0  # tsv, tsv.gz
     for item in _text_lines(path, rel):
@@ -410,7 +420,7 @@ def _starts_json_array(path: Path) -> bool:
     return False
 
 
-def _query_from_obj(source: QuerySource, obj: Any, rel: str, i: int, raw: str) -> Record | Rejected:
+def _query_from_obj(source: QuerySource, obj: Any, rel: str, i: int, raw: str) -> Iterator[Record | Rejected]:
     try:
         value = _field(obj, source.text_field or "")
     except KeyError:
@@ -418,23 +428,31 @@ def _query_from_obj(source: QuerySource, obj: Any, rel: str, i: int, raw: str) -
     return _query_value(source, value, rel, i, lambda: _snippet(raw))
 
 
-def _query_value(source: QuerySource, value: Any, rel: str, i: int, snippet: Any) -> Record | Rejected:
-    """A query from the value its field path found (`_MISSING` when none); `snippet()` for rejections."""
+def _query_value(source: QuerySource, value: Any, rel: str, i: int, snippet: Any) -> Iterator[Record | Rejected]:
+    """The queries in the value a record's field path found (`_MISSING` when none): one, or with
+    `turn: all_user` one per user turn of the conversation, each kept or rejected on its own;
+    `snippet()` for rejections."""
     name = source.text_field
     if value is _MISSING:
-        return Rejected(rel, i, "missing_field", f"no field {name!r}", snippet())
-    if source.turn == "first_user":
+        yield Rejected(rel, i, "missing_field", f"no field {name!r}", snippet())
+        return
+    values = [value]
+    if source.turn is not None:
         try:
-            value = first_user_turn(value)
+            values = user_turns(value, first_only=source.turn == "first_user")
         except TypeError as exc:
-            return Rejected(rel, i, "wrong_type", f"field {name!r}: {exc}", snippet())
+            yield Rejected(rel, i, "wrong_type", f"field {name!r}: {exc}", snippet())
+            return
         except NoUserTurn as exc:
-            return Rejected(rel, i, "no_user_turn", f"field {name!r}: {exc}", snippet())
-        name = f"{name} (first user turn)"
-    problem = _text_problem(value, name)
-    if problem is not None:
-        return Rejected(rel, i, problem[0], problem[1], snippet())
-    return Record(rel, i, value if isinstance(value, str) else value.decode("utf-8"))
+            yield Rejected(rel, i, "no_user_turn", f"field {name!r}: {exc}", snippet())
+            return
+        name = f"{name} ({'first user' if source.turn == 'first_user' else 'user'} turn)"
+    for value in values:
+        problem = _text_problem(value, name)
+        if problem is not None:
+            yield Rejected(rel, i, problem[0], problem[1], snippet())
+        else:
+            yield Record(rel, i, value if isinstance(value, str) else value.decode("utf-8"))
 
 
 def _text_problem(value: Any, name: str | None) -> tuple[str, str] | None:
