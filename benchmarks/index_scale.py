@@ -3,8 +3,16 @@
 For each bank size N, builds every index in its own subprocess (so each peak RSS is measured alone) from
 vectors generated batch by batch (never all in memory but inside the index), then measures build time,
 search throughput (queries/s, k=10, best of a few runs), recall@10 against the exact index's answers, peak
-RSS (VmHWM) and the saved file size. "x exact" divides by the exact index's throughput timed in the same
-worker right after (the "exact qps" column), so both see the same load on a shared machine.
+RSS (VmHWM) and the saved file size. Each index is written and searched as the pipeline does it
+(`write_index_from_batches`, then the memory-mapped index it returns); "search MB" is the worker's RSS
+after searching, mapped pages touched included. "x exact" divides by the exact index's throughput timed
+in the same worker right after (the "exact qps" column), so both see the same load on a shared machine.
+
+Where exact vectors would not fit in memory (more than EXACT_IN_MEMORY_BYTES), the ground truth is
+exact search streamed over the regenerated batches, its throughput timed on the search alone; the
+paper's bank size is such a case (18M x 384-d fp32 = 28 GB):
+
+    python benchmarks/index_scale.py --paper-scale        # 18M vectors, the compressed index, ~30 min
 
 The data: a seeded Gaussian mixture in 384-d (1,000 clusters of uneven size, a shared mean direction,
 low-rank within-cluster variation plus isotropic noise), L2-normalised, like all-MiniLM-L6-v2 description
@@ -36,7 +44,9 @@ from fineinstructions_core.index import (  # noqa: E402  (the script runs from a
     auto_nlist,
     build_index_from_batches,
     configure_search,
-    save_index,
+    resolve_factory,
+    search,
+    write_index_from_batches,
 )
 
 DIM = 384
@@ -46,12 +56,19 @@ LOW_RANK = 48
 BATCH = 20_000
 RECALL_TARGET = 0.95
 SPEEDUP_TARGET = 20.0
-# Search parameters swept per family (one build each); the factory gets the automatic nlist.
-FAMILIES: dict[str, tuple[str, str | None, tuple[int, ...]]] = {
-    "flat": ("Flat", None, (0,)),
-    "ivf": ("IVF{nlist},Flat", "nprobe", (4, 8, 12, 16, 32)),
-    "hnsw": ("HNSW32", "ef_search", (32, 64, 128, 256)),
-    "ivfpq": ("IVF{nlist},PQ48", "nprobe", (16, 64)),
+PAPER_PEAK_MB, PAPER_RECALL, PAPER_QPS = 8_000, 0.90, 1_000
+PAPER_SCALE = 18_000_000  # templates in the released FineTemplates bank
+EXACT_IN_MEMORY_BYTES = 4 * 2**30
+# Search settings swept per family (one build each); the factory gets the automatic nlist.
+FAMILIES: dict[str, tuple[str, tuple[dict[str, int], ...]]] = {
+    "flat": ("Flat", ({},)),
+    "ivf": ("IVF{nlist},Flat", tuple({"nprobe": v} for v in (4, 8, 12, 16, 32))),
+    "hnsw": ("HNSW32", tuple({"ef_search": v} for v in (32, 64, 128, 256))),
+    "ivfpq": ("IVF{nlist},PQ48", tuple({"nprobe": v} for v in (16, 64))),
+    "compressed": (
+        "compressed",
+        tuple({"nprobe": p, "k_factor": k} for p, k in ((16, 10), (16, 20), (32, 20), (32, 40), (64, 40))),
+    ),
 }
 
 
@@ -93,75 +110,137 @@ def _unit(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ worker
 
 
-def _peak_rss_mb() -> float:
-    """This process's RSS high-water mark: VmHWM counts FAISS's C++ allocations, which tracemalloc misses."""
+def _status_mb(field: str) -> float:
+    """A /proc/self/status memory figure in MB: VmHWM (the RSS high-water mark, which counts FAISS's C++
+    allocations that tracemalloc misses) or VmRSS (now, memory-mapped pages touched included)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
 def _time_search(
     index, queries: np.ndarray, min_runs: int = 3, min_seconds: float = 2.0, max_runs: int = 10
 ) -> tuple[float, np.ndarray]:
-    """Best-of-runs throughput (on a shared machine the fastest run is the least disturbed one)."""
-    index.search(queries[: min(100, len(queries))], K)  # warm-up: page faults, thread pool
+    """Best-of-runs throughput (on a shared machine the fastest run is the least disturbed one), through
+    the matching stage's own `search`."""
+    search(index, queries[: min(100, len(queries))], K)  # warm-up: page faults, thread pool
     best, total, runs, ids = float("inf"), 0.0, 0, None
     while runs < min_runs or (total < min_seconds and runs < max_runs):
         t0 = time.perf_counter()
-        _, ids = index.search(queries, K)
+        _, ids = search(index, queries, K)
         dt = time.perf_counter() - t0
         best, total, runs = min(best, dt), total + dt, runs + 1
     return len(queries) / best, ids
 
 
-def worker(spec: dict) -> dict:
-    """Build one index over spec['n'] vectors, sweep its search parameter, report timings and memory."""
+def _setting(values: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items()) or "-"
+
+
+def exact_stream(spec: dict) -> dict:
+    """Exact top-k of the queries over all n vectors, streamed batch by batch (a FAISS result heap keeps
+    the best k so far), so no more than one batch is ever held; only the search time is timed."""
     import faiss
 
     if spec["threads"]:
         faiss.omp_set_num_threads(spec["threads"])
     data = Mixture(spec["seed"])
     queries = np.concatenate(list(data.batches(spec["queries"], stream=1)))
+    heap = faiss.ResultHeap(len(queries), K, keep_max=True)
+    search_s, start = 0.0, 0
+    t_all = time.perf_counter()
+    for batch in data.batches(spec["n"]):
+        t0 = time.perf_counter()
+        dist, ids = faiss.knn(queries, batch, K, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(dist, ids + start)
+        search_s += time.perf_counter() - t0
+        start += len(batch)
+    heap.finalize()
+    np.save(spec["truth"], heap.I)
+    return {
+        "family": "flat",
+        "index": "exact stream",
+        "factory": "Flat",
+        "n": spec["n"],
+        "build_s": time.perf_counter() - t_all - search_s,  # generating the vectors
+        "base_mb": 0.0,
+        "peak_mb": _peak_rss_mb(),
+        "search_mb": _status_mb("VmRSS"),
+        "index_mb": 0.0,
+        "exact_qps": len(queries) / search_s,
+        "threads": faiss.omp_get_max_threads(),
+        "rows": [{"param": "-", "qps": len(queries) / search_s, "recall": 1.0}],
+    }
+
+
+def worker(spec: dict) -> dict:
+    """Build one index over spec['n'] vectors as the pipeline does, sweep its search settings, report
+    timings and memory."""
+    import faiss
+
+    if spec["family"] == "flat" and spec["stream_exact"]:
+        return exact_stream(spec)
+    if spec["threads"]:
+        faiss.omp_set_num_threads(spec["threads"])
+    data = Mixture(spec["seed"])
+    queries = np.concatenate(list(data.batches(spec["queries"], stream=1)))
     base_mb = _peak_rss_mb()
     n = spec["n"]
+    path = Path(spec["tmpdir"]) / f"{spec['family']}_{n}.faiss"
+    train = spec["train_size"]
     t0 = time.perf_counter()
-    index = build_index_from_batches(data.batches(n), DIM, n, exact_below=0, factory=spec["factory"])
+    index = write_index_from_batches(
+        data.batches(n),
+        DIM,
+        n,
+        path,
+        exact_below=0,
+        factory=spec["factory"],
+        train_sample=np.concatenate(list(data.batches(train, stream=2))) if train else None,
+    )
     build_s = time.perf_counter() - t0
-    path = save_index(index, Path(spec["tmpdir"]) / f"{spec['family']}_{n}.faiss")
+    build_peak_mb = _peak_rss_mb()
     index_mb = path.stat().st_size / 2**20
-    path.unlink()
     truth = np.load(spec["truth"]) if spec["truth"] and os.path.exists(spec["truth"]) else None
     rows = []
-    for value in spec["values"]:
-        if spec["param"]:
-            configure_search(index, **{spec["param"]: value})
+    for values in spec["values"]:
+        configure_search(index, **values)
         qps, ids = _time_search(index, queries)
         if truth is None:  # the exact index: its answers are the ground truth
             np.save(spec["truth"], ids)
             recall = 1.0
         else:
             recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, truth, strict=True)]))
-        rows.append({"param": f"{spec['param']}={value}" if spec["param"] else "-", "qps": qps, "recall": recall})
-    peak_mb, kind = _peak_rss_mb(), type(index).__name__
+        rows.append({"param": _setting(values), "qps": qps, "recall": recall})
+    peak_mb, search_mb, kind = _peak_rss_mb(), _status_mb("VmRSS"), type(index).__name__
+    del index
+    path.unlink()
     if truth is None:
         exact_qps = rows[0]["qps"]
+    elif spec["exact_qps"]:
+        exact_qps = spec["exact_qps"]  # from the streamed exact search: the vectors do not fit in memory
     else:
         # The exact baseline again, in this process right after: both timings see the same machine load.
-        del index
         exact = build_index_from_batches(data.batches(n), DIM, n, exact_below=n + 1)
         exact_qps, _ = _time_search(exact, queries)
     return {
         "family": spec["family"],
         "index": kind,
-        "factory": spec["factory"],
+        "factory": resolve_factory(n, DIM, 0, spec["factory"]),
         "n": n,
         "build_s": build_s,
         "base_mb": base_mb,
+        "build_peak_mb": build_peak_mb,
         "peak_mb": peak_mb,
+        "search_mb": search_mb,
         "index_mb": index_mb,
         "exact_qps": exact_qps,
         "threads": faiss.omp_get_max_threads(),
@@ -190,30 +269,39 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=0, help="FAISS/OpenMP threads (default: FAISS's default)")
     ap.add_argument("--families", nargs="+", default=["flat", "ivf", "hnsw"], choices=list(FAMILIES))
+    ap.add_argument(
+        "--train-size", type=int, default=0, help="train on this many held-out vectors (0: the stream's first)"
+    )
+    ap.add_argument("--paper-scale", action="store_true", help=f"--sizes {PAPER_SCALE} --families compressed")
+    ap.add_argument("--json", action="store_true", help="also print every worker's result as one JSON line")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    if args.paper_scale:
+        args.sizes, args.families = [PAPER_SCALE], ["compressed"]
+        args.train_size = args.train_size or 131_072  # the template_index stage's default train_size
 
     families = ["flat"] + [f for f in args.families if f != "flat"]  # exact first: it makes the ground truth
     header = (
-        f"{'N':>9} {'index':<14} {'factory':<14} {'search':<14} {'build s':>7} {'qps':>7} {'recall@10':>9} "
-        f"{'peak MB':>7} {'file MB':>7} {'exact qps':>9} {'x exact':>7}"
+        f"{'N':>10} {'index':<12} {'factory':<36} {'search':<20} {'build s':>7} {'qps':>7} {'recall@10':>9} "
+        f"{'peak MB':>7} {'search MB':>9} {'file MB':>7} {'exact qps':>9} {'x exact':>7}"
     )
-    summary = []
-    with tempfile.TemporaryDirectory(prefix="index_scale_") as tmp:
+    summary, results = [], []
+    with tempfile.TemporaryDirectory(prefix="index_scale_", dir=os.environ.get("INDEX_SCALE_DIR")) as tmp:
         for n in args.sizes:
+            stream_exact = n * DIM * 4 > EXACT_IN_MEMORY_BYTES
             print(f"\nN={n:,} dim={DIM} queries={args.queries} k={K}", flush=True)
             print(header)
             print("-" * len(header), flush=True)
+            exact_qps = None
             for family in families:
-                factory, param, values = FAMILIES[family]
+                factory, values = FAMILIES[family]
                 spec = {
                     "family": family,
                     "factory": factory.replace("{nlist}", str(auto_nlist(n))),
-                    "param": param,
                     "values": list(values),
                     "n": n,
                     "queries": args.queries,
@@ -221,36 +309,67 @@ def main() -> None:
                     "seed": args.seed,
                     "tmpdir": tmp,
                     "truth": str(Path(tmp) / f"truth_{n}.npy"),
+                    "train_size": args.train_size,
+                    "stream_exact": stream_exact,
+                    "exact_qps": exact_qps if stream_exact else None,
                 }
                 r = run_one(spec)
+                results.append(r)
+                if family == "flat":
+                    exact_qps = r["exact_qps"]
                 for row in r["rows"]:
                     ratio = row["qps"] / r["exact_qps"]
                     print(
-                        f"{n:>9,} {r['index']:<14} {r['factory']:<14} {row['param']:<14} {r['build_s']:>7.1f} "
-                        f"{row['qps']:>7,.0f} {row['recall']:>9.3f} {r['peak_mb']:>7,.0f} {r['index_mb']:>7,.0f} "
-                        f"{r['exact_qps']:>9,.0f} {ratio:>6.1f}x",
+                        f"{n:>10,} {r['index']:<12} {r['factory']:<36} {row['param']:<20} {r['build_s']:>7.1f} "
+                        f"{row['qps']:>7,.0f} {row['recall']:>9.3f} {r['peak_mb']:>7,.0f} {r['search_mb']:>9,.0f} "
+                        f"{r['index_mb']:>7,.0f} {r['exact_qps']:>9,.1f} {ratio:>6.1f}x",
                         flush=True,
                     )
                     if family != "flat" and row["recall"] >= RECALL_TARGET:
                         summary.append((n, r["factory"], row["param"], row["recall"], ratio))
             print(
-                f"(threads: {r['threads']}; peak MB: each worker's RSS high-water mark, ~{r['base_mb']:.0f} MB of it "
-                f"being the interpreter, FAISS and the queries before building)",
+                f"(threads: {r['threads']}; peak MB: each worker's RSS high-water mark, build included; "
+                f"search MB: its RSS after searching)",
                 flush=True,
             )
 
+    if args.paper_scale:
+        _paper_scale_verdict(results)
+    else:
+        _speedup_verdict(summary, max(args.sizes))
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
+
+
+def _speedup_verdict(summary: list[tuple], largest: int) -> None:
     print(f"\napproximate qps / exact qps where recall@{K} >= {RECALL_TARGET}:")
     for n, factory, param, recall, ratio in summary:
-        print(f"  N={n:>9,}  {factory:<16} {param:<14} recall@{K}={recall:.3f}  {ratio:6.1f}x")
+        print(f"  N={n:>10,}  {factory:<36} {param:<20} recall@{K}={recall:.3f}  {ratio:6.1f}x")
     if not summary:
         print("  none")
-    largest = max(args.sizes)
     best = max((s[4] for s in summary if s[0] == largest), default=0.0)
     verdict = "met" if best >= SPEEDUP_TARGET else "NOT met"
     print(
         f"target at N={largest:,}: >= {SPEEDUP_TARGET:.0f}x exact qps at recall@{K} >= {RECALL_TARGET}: {verdict} "
         f"(best {best:.1f}x)"
     )
+
+
+def _paper_scale_verdict(results: list[dict]) -> None:
+    """The paper-scale targets: peak RSS under 8 GB, recall@10 >= 0.90 at >= 1,000 queries/s."""
+    print(f"\npaper-scale targets: peak RSS < {PAPER_PEAK_MB:,} MB, recall@{K} >= {PAPER_RECALL}, qps >= {PAPER_QPS:,}")
+    for r in results:
+        if r["family"] == "flat":
+            continue
+        ok = [row for row in r["rows"] if row["recall"] >= PAPER_RECALL and row["qps"] >= PAPER_QPS]
+        memory = r["peak_mb"] < PAPER_PEAK_MB
+        verdict = "met" if ok and memory else "NOT met"
+        best = max(ok, key=lambda row: row["qps"]) if ok else max(r["rows"], key=lambda row: row["recall"])
+        print(
+            f"  {r['factory']}: {verdict} (peak {r['peak_mb']:,.0f} MB; {best['param']}: "
+            f"recall@{K} {best['recall']:.3f} at {best['qps']:,.0f} qps)"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ brute force is fast there and gives perfect recall. Above it, `factory` picks an
 * unset, "auto" or "ivf": "IVF{nlist},Flat" with nlist ~ 4*sqrt(n) (a power of two), searched with `nprobe`;
 * "hnsw": "HNSW32", searched with `ef_search` (no training; more memory, fast queries);
 * "ivfpq": "IVF{nlist},PQ{dim/8}", ~25x smaller than Flat but lossy (recall@10 ~0.67 on the benchmark);
+* "compressed" (what "auto" picks once Flat vectors would pass COMPRESS_ABOVE_BYTES, e.g. the released
+  18M-template bank): "IVF{nlist}_HNSW32,PQ{dim/4}x4fs,Refine(SQ8)". A 4-bit fast-scan PQ over IVF lists
+  (an HNSW graph finds the lists, so assigning millions of vectors stays cheap) proposes k*k_factor
+  candidates, re-ranked on 8-bit scalar-quantized vectors. The re-ranking codes are streamed to disk
+  while building (`write_index_from_batches`) and memory-mapped when searching, so neither the build nor
+  the search holds them in memory;
 * "flat"/"exact": always exact;
 * anything else is a FAISS `index_factory` string, for example "IVF4096,Flat", "HNSW32" or
   "IVF{nlist},PQ48" ("{nlist}" is replaced by the automatic nlist).
@@ -13,7 +19,8 @@ brute force is fast there and gives perfect recall. Above it, `factory` picks an
 Building (`build_index`, `build_index_from_batches`) trains on a sample, then adds vectors batch by batch,
 so the embeddings need not be held twice. Loading (`load_index`) memory-maps the file by default, so
 processes that search the same index share one copy in the page cache and start without reading it all.
-Search-time parameters (`nprobe`, `ef_search`) are set by `configure_search`, at build and at load.
+Search-time parameters (`nprobe`, `ef_search`, `k_factor`) are set by `configure_search`, at build and at
+load.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -38,6 +46,12 @@ DEFAULT_NPROBE = 32
 # HNSW's own default (16) loses much recall on 384-d embeddings. On benchmarks/index_scale.py, HNSW32 at
 # efSearch 128 reaches recall@10 0.99 at 100K vectors but only ~0.88 at 1M, where IVF ("auto") does better.
 DEFAULT_EF_SEARCH = 128
+# Re-ranked candidates per result for a Refine index: k_factor 20 took recall@10 from 0.43 (the 4-bit PQ
+# alone) to 0.97 on the 1M-vector benchmark; see README, "FAISS at scale", for the 18M figures.
+DEFAULT_K_FACTOR = 20
+# "auto" switches from IVF-Flat to the compressed index once Flat vectors alone would need this much
+# memory (at 384-d: 2.8M vectors), so a bank of any size is indexed within a laptop's memory.
+COMPRESS_ABOVE_BYTES = 4 * 2**30
 # Rows per `add` call when the caller hands over one array: bounds FAISS's temporary buffers.
 ADD_BATCH = 65_536
 # k-means gains little past ~64 points per centroid, and FAISS subsamples above 256 anyway.
@@ -73,12 +87,20 @@ def _pq_subquantizers(dim: int) -> int:
     return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
 
 
+def _fast_scan_subquantizers(dim: int) -> int:
+    """4-bit fast-scan PQ sub-vector count: dim/4 rounded down to an even divisor of dim (96 for 384,
+    48 bytes a vector); fast-scan packs codes in pairs, so the count must be even."""
+    return max(m for m in range(2, max(2, dim // 4) + 1, 2) if dim % m == 0) if dim >= 2 else 1
+
+
 def resolve_factory(n: int, dim: int, exact_below: int = DEFAULT_EXACT_BELOW, factory: str | None = None) -> str:
     """The FAISS factory string for a bank of n vectors of dimension dim (see the module docstring)."""
     if n < exact_below:
         return EXACT_FACTORY
     spec = (factory or "auto").strip()
     key = spec.lower()
+    if key == "compressed" or (key == "auto" and n * dim * 4 > COMPRESS_ABOVE_BYTES):
+        return f"IVF{auto_nlist(n)}_HNSW32,PQ{_fast_scan_subquantizers(dim)}x4fs,Refine(SQ8)"
     if key in ("auto", "ivf"):
         return f"IVF{auto_nlist(n)},Flat"
     if key == "ivfpq":
@@ -130,20 +152,24 @@ def _layers(index) -> Iterator[Any]:
             index = None
 
 
-def configure_search(index, nprobe: int | None = None, ef_search: int | None = None):
+def configure_search(index, nprobe: int | None = None, ef_search: int | None = None, k_factor: int | None = None):
     """Set search-time parameters where the index has them; returns the index.
 
     nprobe (IVF lists scanned per query) and efSearch (HNSW candidate list size) trade speed for recall.
     They are stored in the file, but the configured value should win over whatever was saved, so callers
     set them explicitly after loading. Parameters the index does not have are ignored (exact search has
-    none); an HNSW coarse quantizer inside an IVF index also gets ef_search.
+    none); an HNSW coarse quantizer inside an IVF index also gets ef_search. k_factor (candidates
+    re-ranked per result) applies to a Refine index.
     """
     import faiss
 
-    if nprobe is not None and nprobe < 1:
-        raise ValueError(f"nprobe must be >= 1, got {nprobe}")
-    if ef_search is not None and ef_search < 1:
-        raise ValueError(f"ef_search must be >= 1, got {ef_search}")
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("k_factor", k_factor)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if k_factor is not None:
+        for layer in _layers(index):
+            if isinstance(layer, faiss.IndexRefine):
+                layer.k_factor = float(k_factor)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         if nprobe is not None:
@@ -170,6 +196,8 @@ def describe_index(index) -> dict[str, Any]:
     for layer in _layers(index):
         if isinstance(layer, faiss.IndexHNSW):
             info.update(hnsw_m=int(layer.hnsw.nb_neighbors(1)), ef_search=int(layer.hnsw.efSearch))
+        if isinstance(layer, faiss.IndexRefine):
+            info.update(k_factor=float(layer.k_factor), refine=type(faiss.downcast_index(layer.refine_index)).__name__)
     return info
 
 
@@ -210,6 +238,7 @@ def build_index(
     nprobe: int = DEFAULT_NPROBE,
     *,
     ef_search: int = DEFAULT_EF_SEARCH,
+    k_factor: int = DEFAULT_K_FACTOR,
     ef_construction: int | None = None,
     train_size: int | None = None,
     seed: int = 0,
@@ -233,7 +262,7 @@ def build_index(
     for start in range(0, n, ADD_BATCH):
         index.add(np.ascontiguousarray(vectors[start : start + ADD_BATCH]))
     log.info("template index: %s over %d vectors (%s)", spec, n, type(index).__name__)
-    return configure_search(index, nprobe=nprobe, ef_search=ef_search)
+    return configure_search(index, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
 
 
 def build_index_from_batches(
@@ -245,6 +274,7 @@ def build_index_from_batches(
     nprobe: int = DEFAULT_NPROBE,
     *,
     ef_search: int = DEFAULT_EF_SEARCH,
+    k_factor: int = DEFAULT_K_FACTOR,
     ef_construction: int | None = None,
     train_sample: np.ndarray | None = None,
     train_size: int | None = None,
@@ -260,12 +290,87 @@ def build_index_from_batches(
     once its rows are added), plus the batch in hand. The stream is never materialised, so generate the
     batches lazily. Flat storage is pre-sized (no copy on growth); IVF lists grow one by one, which left
     the 1M-vector benchmark build at ~1.5x the IVF-Flat file size. The saved file has no such slack.
+    A Refine index built here holds its re-ranking codes in memory; `write_index_from_batches` streams
+    them to disk instead.
 
     The first rows are a fair training sample only when the stream order is unrelated to content; pass a
     random `train_sample` when it is sorted (e.g. by source).
     """
+    index, _ = _build_from_batches(
+        batches, dim, n_total, exact_below, factory, ef_construction, train_sample, train_size, spill=None
+    )
+    return configure_search(index, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
+
+
+def write_index_from_batches(
+    batches: Iterable[np.ndarray],
+    dim: int,
+    n_total: int,
+    path: Path,
+    exact_below: int = DEFAULT_EXACT_BELOW,
+    factory: str | None = None,
+    nprobe: int = DEFAULT_NPROBE,
+    *,
+    ef_search: int = DEFAULT_EF_SEARCH,
+    k_factor: int = DEFAULT_K_FACTOR,
+    ef_construction: int | None = None,
+    train_sample: np.ndarray | None = None,
+    train_size: int | None = None,
+):
+    """Build as `build_index_from_batches` does, save to `path` atomically, and return the saved index
+    loaded memory-mapped (as the matching stage will load it).
+
+    A Refine index whose re-ranking storage is flat codes (the "compressed" choice: SQ8) never holds
+    those codes in memory: each batch is encoded and appended to a temporary file beside `path`, and
+    the saved file is assembled from the index and that file. At 18M 384-d vectors that keeps 6.9 GB of
+    codes out of memory during the build, and memory-mapping keeps them out while searching.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, codes = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".codes")
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            index, spilled = _build_from_batches(
+                batches, dim, n_total, exact_below, factory, ef_construction, train_sample, train_size, spill=sink
+            )
+        configure_search(index, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
+        if spilled:
+            _save_refine_with_codes(index, Path(codes), path)
+        else:
+            save_index(index, path)
+        del index
+    finally:
+        Path(codes).unlink(missing_ok=True)
+    return load_index(path, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
+
+
+def _spillable_refine(index):
+    """(base, refine) when index is a Refine index whose re-ranking storage is flat codes, else None."""
+    import faiss
+
+    if not isinstance(index, faiss.IndexRefine):
+        return None
+    refine = faiss.downcast_index(index.refine_index)
+    if not isinstance(refine, faiss.IndexFlatCodes):
+        return None
+    return faiss.downcast_index(index.base_index), refine
+
+
+def _build_from_batches(
+    batches: Iterable[np.ndarray],
+    dim: int,
+    n_total: int,
+    exact_below: int,
+    factory: str | None,
+    ef_construction: int | None,
+    train_sample: np.ndarray | None,
+    train_size: int | None,
+    spill: Any,
+) -> tuple[Any, bool]:
+    """The shared build loop: (index, whether its re-ranking codes went to `spill` instead of into it)."""
     spec = resolve_factory(n_total, dim, exact_below, factory)
     index = _new_index(dim, spec, ef_construction)
+    parts = _spillable_refine(index) if spill is not None else None
     stream = iter(batches)
     pending: list[np.ndarray] = []
     if not index.is_trained:
@@ -289,17 +394,25 @@ def build_index_from_batches(
             index.train(buffer[:filled])
             pending.insert(0, buffer[:filled])
             del buffer
-    _reserve(index, n_total)
+    if parts is None:
+        _reserve(index, n_total)
     added = 0
     for batch in _chain(pending, stream):
         batch = _as_batch(batch, dim)
-        index.add(batch)
+        if parts is None:
+            index.add(batch)
+        else:
+            base, refine = parts
+            base.add(batch)
+            spill.write(refine.sa_encode(batch).tobytes())
         added += len(batch)
     pending.clear()
+    if parts is not None:
+        index.ntotal = added
     if added != n_total:
         log.warning("template index: expected %d vectors, got %d (index chosen for %d)", n_total, added, n_total)
     log.info("template index: %s over %d vectors (%s)", spec, added, type(index).__name__)
-    return configure_search(index, nprobe=nprobe, ef_search=ef_search)
+    return index, parts is not None
 
 
 def _chain(first: list[np.ndarray], rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -331,6 +444,52 @@ def save_index(index, path: Path) -> Path:
     return path
 
 
+def _save_refine_with_codes(index, codes: Path, path: Path) -> None:
+    """Write a Refine index whose re-ranking codes are in the file `codes` (its refine storage is empty).
+
+    FAISS writes a Refine index as header, base index, refine index, k_factor, and a flat-codes index
+    ends with its code count and then the codes. So the file is FAISS's own for the empty-refine index,
+    with the refine part's row count and code size patched and the codes appended before k_factor;
+    `faiss.read_index` reads it like any other. The layout is checked, never assumed.
+    """
+    import faiss
+
+    refine = faiss.downcast_index(index.refine_index)
+    n = int(index.ntotal)
+    tail = faiss.serialize_index(refine).tobytes()
+    k_bytes = np.float32(index.k_factor).tobytes()
+    if refine.ntotal != 0 or tail[-8:] != bytes(8) or tail[8:16] != bytes(8):
+        raise RuntimeError(f"cannot append re-ranking codes to a {type(refine).__name__} of this layout")
+    expected = n * refine.code_size
+    if codes.stat().st_size != expected:
+        raise RuntimeError(f"re-ranking codes {codes}: {codes.stat().st_size} bytes, expected {expected}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        size = os.path.getsize(tmp)
+        cut = size - len(tail) - len(k_bytes)
+        with open(tmp, "r+b") as f:
+            f.seek(cut)
+            if f.read() != tail + k_bytes:
+                raise RuntimeError("unexpected FAISS Refine index layout: cannot append the re-ranking codes")
+            f.seek(cut)
+            f.truncate()
+            header = bytearray(tail)
+            header[8:16] = np.int64(n).tobytes()
+            header[-8:] = np.uint64(expected).tobytes()
+            f.write(header)
+            with open(codes, "rb") as src:
+                shutil.copyfileobj(src, f, 16 * 2**20)
+            f.write(k_bytes)
+        honour_umask(tmp, directory=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _mmap_flag_sets() -> list[tuple[str, int]]:
     """Read flags to try, best first. In FAISS 1.15, MMAP_IFC maps Flat, HNSW storage and IVF lists in
     place; the older MMAP flag maps only IVF lists (as on-disk lists) and cannot be combined with it."""
@@ -354,13 +513,20 @@ def _read_only(index, path: Path) -> None:
             setattr(index, name, refuse)
 
 
-def load_index(path: Path, mmap: bool = True, *, nprobe: int | None = None, ef_search: int | None = None):
+def load_index(
+    path: Path,
+    mmap: bool = True,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    k_factor: int | None = None,
+):
     """Read an index saved by `save_index`, memory-mapped and read-only by default.
 
     With mmap, pages are read on demand and shared by every process searching the same file (one copy
     in the page cache instead of one per worker). Index types FAISS cannot map are read into memory
-    instead. A memory-mapped index cannot be modified (add/train/reset raise). nprobe / ef_search, when
-    given, override the values saved in the file.
+    instead. A memory-mapped index cannot be modified (add/train/reset raise). nprobe / ef_search /
+    k_factor, when given, override the values saved in the file.
     """
     import faiss
 
@@ -387,7 +553,7 @@ def load_index(path: Path, mmap: bool = True, *, nprobe: int | None = None, ef_s
             raise ValueError(
                 f"template index {path} is not a readable FAISS index ({detail}): materialize template_index again"
             ) from e
-    return configure_search(index, nprobe=nprobe, ef_search=ef_search)
+    return configure_search(index, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

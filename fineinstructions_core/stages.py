@@ -17,7 +17,7 @@ import pandas as pd
 from . import budget, gates, genericize, instantiate, judge, judge_eval, match, sft_export
 from .embed import Embedder
 from .ids import content_id
-from .index import build_index_from_batches, describe_index, load_index, resolve_factory, save_index, search
+from .index import describe_index, load_index, resolve_factory, search, write_index_from_batches
 from .io.catalog import stats
 from .io.lake import UNPARTITIONED, Lake
 from .io.readers import Record, Rejected, read_corpus_records, read_query_source
@@ -122,10 +122,17 @@ def template_index(ctx: StageContext) -> StageResult:
             yield embedder.embed_texts(descriptions[i : i + batch])
             logger(f"template_index: {min(i + batch, n)}/{n} descriptions embedded")
 
-    index = build_index_from_batches(
-        batches(), embedder.dim, n, exact_below, factory, m.nprobe, train_sample=train_sample
+    index = write_index_from_batches(
+        batches(),
+        embedder.dim,
+        n,
+        cfg.lake_dir / "template_index" / "index.faiss",
+        exact_below,
+        factory,
+        m.nprobe,
+        k_factor=m.k_factor,
+        train_sample=train_sample,
     )
-    save_index(index, cfg.lake_dir / "template_index" / "index.faiss")
     bank = bank.assign(index_row=np.arange(len(bank)))
     return ctx.finish(
         bank,
@@ -245,7 +252,7 @@ def template_matches(ctx: StageContext) -> StageResult:
     docs = lake.read("document_index", ctx.partition)
     templates = lake.read("template_index").sort_values("index_row").reset_index(drop=True)
     m = cfg.matching
-    index = load_index(cfg.lake_dir / "template_index" / "index.faiss", nprobe=m.nprobe)
+    index = load_index(cfg.lake_dir / "template_index" / "index.faiss", nprobe=m.nprobe, k_factor=m.k_factor)
     threshold = cfg.matching_threshold()
     k = m.candidates_per_vector
     if docs.empty:

@@ -18,6 +18,7 @@ from fineinstructions_core.index import (
     resolve_factory,
     save_index,
     search,
+    write_index_from_batches,
 )
 
 faiss = pytest.importorskip("faiss")
@@ -53,6 +54,10 @@ def test_auto_picks_exact_below_threshold_and_ivf_above():
     assert resolve_factory(1_000_000, 384, factory="exact") == EXACT_FACTORY
     assert resolve_factory(1_000_000, 384, factory="IVF{nlist},SQ8") == "IVF4096,SQ8"
     assert resolve_factory(1_000_000, 384, factory="IVF1024,Flat") == "IVF1024,Flat"
+    # A bank whose Flat vectors would pass 4 GiB (the released 18M-template bank) gets the compressed index.
+    assert resolve_factory(2_000_000, 384) == f"IVF{auto_nlist(2_000_000)},Flat"
+    assert resolve_factory(18_000_000, 384) == "IVF16384_HNSW32,PQ96x4fs,Refine(SQ8)"
+    assert resolve_factory(5000, DIM, exact_below=1000, factory="compressed") == "IVF128_HNSW32,PQ8x4fs,Refine(SQ8)"
     # Enough training points per list, even for small banks.
     assert all(39 * auto_nlist(n) <= n for n in (39, 100, 5_000, 100_000))
 
@@ -162,3 +167,58 @@ def test_search_clamps_k(data):
     index = build_index(x[:5], exact_below=1000)
     sims, ids = search(index, q[:3], 10)
     assert sims.shape == ids.shape == (3, 5)
+
+
+def _recall(ids: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(ids, truth, strict=True)]))
+
+
+def test_compressed_index_streams_its_reranking_codes_to_disk(tmp_path, data):
+    """The compressed index's 8-bit re-ranking codes go to disk batch by batch; the file is FAISS's own
+    (plain read_index reads it), memory-mapped on load, and searches exactly as the in-memory build."""
+    x, q = _vectors(6000), _vectors(50, seed=1)
+    args = (DIM, len(x), 1000, "compressed", 8)
+    in_memory = build_index_from_batches(_batches(x, 700), *args, k_factor=40, train_sample=x[::3])
+    path = tmp_path / "lake" / "index.faiss"
+    on_disk = write_index_from_batches(_batches(x, 700), *args[:2], path, *args[2:], k_factor=40, train_sample=x[::3])
+    assert [p.name for p in path.parent.iterdir()] == ["index.faiss"]  # no temporary file left behind
+    info = describe_index(on_disk)
+    assert (info["type"], info["ntotal"], info["k_factor"], info["refine"]) == (
+        "IndexRefine",
+        len(x),
+        40.0,
+        "IndexScalarQuantizer",
+    )
+    # The in-memory build keeps its codes; the streamed one kept none in memory while building.
+    assert faiss.downcast_index(in_memory.refine_index).ntotal == len(x)
+    with pytest.raises(RuntimeError, match="read-only"):
+        on_disk.add(x[:1])  # memory-mapped
+    plain = faiss.read_index(str(path))
+    refine = faiss.downcast_index(plain.refine_index)
+    assert plain.ntotal == refine.ntotal == len(x)
+    assert np.array_equal(faiss.vector_to_array(refine.codes).reshape(len(x), -1), refine.sa_encode(x))
+    assert np.array_equal(search(on_disk, q, 10)[1], in_memory.search(q, 10)[1])
+    truth = build_index(x, exact_below=len(x) + 1).search(q, 10)[1]
+    # On these noisy 32-d vectors 4-bit PQ alone finds few true neighbours; re-ranking 40x recovers most.
+    reranked = _recall(search(on_disk, q, 10)[1], truth)
+    assert reranked >= 0.8
+    assert describe_index(load_index(path, k_factor=3))["k_factor"] == 3.0
+    assert _recall(search(load_index(path, k_factor=1), q, 10)[1], truth) < reranked - 0.3
+    with pytest.raises(ValueError, match="k_factor must be >= 1"):
+        configure_search(on_disk, k_factor=0)
+
+
+def test_a_failed_write_leaves_neither_index_nor_codes(tmp_path, data):
+    x, _ = data
+    path = tmp_path / "index.faiss"
+
+    def broken():
+        yield x[:2000]
+        yield x[:10, :8]  # the wrong dimension, mid-stream
+
+    with pytest.raises(ValueError, match="shape"):
+        write_index_from_batches(broken(), DIM, 4000, path, 1000, "compressed", train_sample=x[::2])
+    assert list(tmp_path.iterdir()) == []
+    # A non-refine index is written through the same function.
+    flat = write_index_from_batches(_batches(x, 999), DIM, len(x), path, exact_below=len(x) + 1)
+    assert isinstance(flat, faiss.IndexFlatIP) and flat.ntotal == len(x)

@@ -426,6 +426,52 @@ def test_template_index_takes_a_template_source_beside_a_genericized_bank(tmp_pa
     assert out.loc["who wrote <fi>a play</fi>", "source"] == "nq"
 
 
+def test_a_released_bank_can_be_indexed_compressed_and_found_again(tmp_path):
+    """template_index with the compressed index (what `auto` picks at the released bank's 18M): the
+    re-ranking codes reach the lake's index file, and a template's own description finds it."""
+    from fineinstructions_core.embed import Embedder
+    from fineinstructions_core.index import load_index, search
+
+    topics = [
+        f"{a} {b}"
+        for a in ("river", "violin", "tax", "volcano", "bread", "orbit", "poem", "virus")
+        for b in ("history", "repair", "cost", "safety", "science")
+    ]
+    rows = [
+        (f"what is the <fi>aspect</fi> of {t} number {i}?", f"A text about {t}, part {i}.")
+        for i in range(10)
+        for t in topics
+    ]
+    table = pa.table(
+        {
+            "template_id": [f"ft-{i}" for i in range(len(rows))],
+            "source_name": ["wildchat"] * len(rows),
+            "template": [t for t, _ in rows],
+            "compatible_document_description": [d for _, d in rows],
+        }
+    )
+    (tmp_path / "bank").mkdir()
+    pq.write_table(table, tmp_path / "bank" / "bank.parquet")
+    bank = {"name": "finetemplates", "path": "bank/*.parquet", "format": "parquet", "preset": "finetemplates"}
+    config = _project(tmp_path, template_sources=[bank])
+    raw = yaml.safe_load(config.read_text())
+    raw["matching"] = {**raw.get("matching", {}), "exact_below": 0, "index_factory": "compressed", "k_factor": 8}
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(config)
+    run_stage(cfg, "template_bank", "finetemplates", ["finetemplates"], [])
+    res = run_stage(cfg, "template_index", "all", ["finetemplates"], [])
+    assert len(res.output) == len(rows)
+    assert res.extra["factory"].endswith("x4fs,Refine(SQ8)")
+    assert (res.extra["index"]["type"], res.extra["index"]["k_factor"]) == ("IndexRefine", 8.0)
+    folder = cfg.lake_dir / "template_index"
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no codes or temp file left
+    index = load_index(folder / "index.faiss", k_factor=cfg.matching.k_factor)
+    picks = res.output.sample(20, random_state=0)
+    vectors = Embedder(cfg.embedder).embed_texts(list(picks["description"]))
+    _, ids = search(index, vectors, 1)
+    assert list(ids[:, 0]) == list(picks["index_row"])
+
+
 def test_template_sources_are_source_partitions_for_dagster(tmp_path):
     from fineinstructions_assets.partitions import desired_partitions
 
