@@ -3,9 +3,11 @@
 import json
 
 import pandas as pd
-from dagster import DagsterInstance, build_sensor_context, materialize
+import yaml
+from dagster import AssetCheckKey, AssetKey, DagsterInstance, build_sensor_context, materialize
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-from fineinstructions_assets.assets import ALL_ASSETS, _checks, query_set, raw_queries
+from fineinstructions_assets.assets import ALL_ASSETS, _checks, documents, query_set, raw_queries
 from fineinstructions_assets.definitions import defs
 from fineinstructions_assets.partitions import register_partitions
 from fineinstructions_assets.resources import FineInstructionsResource
@@ -66,6 +68,37 @@ def test_materialize_query_stages_with_checks(tiny_project, dagster_home):
     assert json.loads(json.dumps(meta["funnel"].value))["in"] == 6
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"ids_unique_not_null": True, "schema": True, "accounting": True, "yield": True}
+
+
+def test_each_shard_keeps_its_own_check_status(tiny_project, dagster_home):
+    """A shard whose yield check failed still reads Failed after another shard passes (the checks share
+    the asset's partitions; an unpartitioned check would show only the latest shard's result)."""
+    root = tiny_project.parent
+    (root / "d" / "broken.jsonl").write_text('{"text": 1}\n{"id": "x"}\nnot json\n', encoding="utf-8")
+    raw = yaml.safe_load(tiny_project.read_text())
+    raw["corpora"].append({"name": "broken", "path": "d/broken.jsonl", "format": "jsonl", "text_field": "text"})
+    tiny_project.write_text(yaml.safe_dump(raw, sort_keys=False))
+    instance = DagsterInstance.get()
+    register_partitions(load_config(tiny_project), instance)
+    resources = {"fi": FineInstructionsResource(config_path=str(tiny_project))}
+    for shard in ("broken-00000", "debian-00000"):
+        assert materialize([documents], partition_key=shard, instance=instance, resources=resources).success
+    storage = instance.event_log_storage
+    status = {
+        name: {
+            info.partition_key: info.latest_execution_status
+            for info in storage.get_asset_check_partition_info([AssetCheckKey(AssetKey("documents"), name)])
+        }
+        for name in ("yield", "accounting")
+    }
+    assert status["yield"] == {
+        "broken-00000": AssetCheckExecutionRecordStatus.FAILED,
+        "debian-00000": AssetCheckExecutionRecordStatus.SUCCEEDED,
+    }
+    assert set(status["accounting"].values()) == {AssetCheckExecutionRecordStatus.SUCCEEDED}
+    # The latest evaluation of each partition names that partition.
+    history = storage.get_asset_check_execution_history(AssetCheckKey(AssetKey("documents"), "yield"), limit=5)
+    assert [r.partition for r in history] == ["debian-00000", "broken-00000"]
 
 
 def test_blocking_checks_catch_bad_output():
