@@ -21,12 +21,18 @@ from dagster import (
     MetadataValue,
     PartitionsDefinition,
     PreviewWarning,
+    TableColumn,
+    TableColumnConstraints,
+    TableRecord,
+    TableSchema,
     asset,
 )
 
+from fineinstructions_core.codesig import code_signature
 from fineinstructions_core.io.catalog import refresh_catalog
 from fineinstructions_core.io.lake import UNPARTITIONED
 from fineinstructions_core.plan import run_stage
+from fineinstructions_core.plots import bars_svg, svg_markdown
 from fineinstructions_core.registry import REGISTRY, Contract, Partitioning, Registry, StageSpec
 from fineinstructions_core.stage_base import StageResult
 
@@ -119,9 +125,11 @@ def _report(
     acc = result.accounting
     funnel = {"in": acc.rows_in, "out": acc.rows_out, **{f"rejected: {k}": v for k, v in acc.rejected.items()}}
     metadata: dict[str, Any] = {
-        "row_count": MetadataValue.int(len(result.output)),
+        "dagster/row_count": MetadataValue.int(len(result.output)),
+        "dagster/column_schema": _column_schema(result.output, registry[name].contract),
         "unit": acc.unit,
-        "funnel": MetadataValue.json(funnel),
+        "funnel": _table(funnel, "step", "rows"),
+        "funnel_plot": MetadataValue.md(svg_markdown(bars_svg(list(funnel.items())), alt="funnel")),
         "preview": MetadataValue.md(_preview(result.output)),
         "rejections_preview": MetadataValue.md(_preview(result.rejections)),
         "lake_path": MetadataValue.path(str(cfg.lake_dir / name / f"{result.partition}.parquet")),
@@ -138,11 +146,35 @@ def _report(
         elif k != "llm" and v is not None:
             metadata[k] = MetadataValue.json(v) if isinstance(v, dict | list) else v
     if "similarity" in result.output.columns and len(result.output):
-        metadata["similarity_histogram"] = MetadataValue.json(
-            result.output["similarity"].round(1).value_counts().sort_index().to_dict()
-        )
+        counts = result.output["similarity"].round(1).value_counts().sort_index()
+        bins = [(f"{b:.1f}", int(c)) for b, c in counts.items()]
+        metadata["similarity_histogram"] = MetadataValue.md(svg_markdown(bars_svg(bins), alt="similarity"))
     context.log.info(f"{name}[{result.partition}]: {funnel}")
     return MaterializeResult(metadata=metadata, check_results=_checks(name, result, registry))
+
+
+def _table(counts: dict[str, int], key: str, value: str) -> MetadataValue:
+    """Counts as a table the UI renders (rather than JSON text)."""
+    schema = TableSchema(columns=[TableColumn(key, "string"), TableColumn(value, "int")])
+    return MetadataValue.table([TableRecord({key: k, value: int(v)}) for k, v in counts.items()], schema=schema)
+
+
+def _column_schema(df: pd.DataFrame, contract: Contract) -> TableSchema:
+    """The output's columns with their types; the contract's required ones say so, its id is unique."""
+    columns = []
+    for col in df.columns:
+        required = col in contract.required
+        columns.append(
+            TableColumn(
+                str(col),
+                str(df[col].dtype),
+                description="required by the stage's output contract" if required else None,
+                constraints=TableColumnConstraints(
+                    nullable=col != contract.id_column, unique=col == contract.id_column
+                ),
+            )
+        )
+    return TableSchema(columns=columns)
 
 
 def _partitions_def(partitioning: Partitioning) -> PartitionsDefinition | None:
@@ -163,6 +195,8 @@ def stage_asset(spec: StageSpec, registry: Registry = REGISTRY) -> AssetsDefinit
         description=spec.description,
         pool=spec.pool,
         kinds={"parquet", "python"},
+        code_version=code_version(spec),
+        tags=_tags(spec),
     )
     def _asset(context: AssetExecutionContext, fi: FineInstructionsResource) -> MaterializeResult:
         cfg = fi.load()
@@ -172,6 +206,21 @@ def stage_asset(spec: StageSpec, registry: Registry = REGISTRY) -> AssetsDefinit
         return _report(context, spec.name, result, fi, registry)
 
     return _asset
+
+
+def code_version(spec: StageSpec) -> str:
+    """The stage's code signature (its function and the project code it reaches), so the UI's "code
+    version changed" marks exactly what `fineinstructions run` would rerun for a code edit."""
+    return code_signature(spec.compute)[:16]
+
+
+def _tags(spec: StageSpec) -> dict[str, str]:
+    """Tags to filter the asset graph by: the partitioning, the concurrency pool, and whether the stage
+    runs only on request (the distillation loop retrains models; select `run:on_request` to leave it out)."""
+    tags = {"partitioning": spec.partitioning.value, "run": "default" if spec.default_run else "on_request"}
+    if spec.pool:
+        tags["pool"] = spec.pool
+    return tags
 
 
 def build_assets(registry: Registry = REGISTRY) -> list[AssetsDefinition]:

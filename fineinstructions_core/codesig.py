@@ -26,6 +26,8 @@ from typing import Any
 PROJECT_PACKAGE = "fineinstructions_core"
 _PLAIN = (str, bytes, int, float, bool, type(None))
 _SOURCE_CACHE: dict[Any, str] = {}
+_REFERENCES_CACHE: dict[Any, list[Any]] = {}
+_TREE_CACHE: dict[Any, ast.AST | None] = {}
 
 
 def code_signature(*roots: Callable[..., Any]) -> str:
@@ -96,13 +98,22 @@ def _function_of(member: Any) -> types.FunctionType | None:
 
 def _tree_text(obj: Any) -> str:
     """The syntax tree of a function or class, without docstrings (comments never reach the tree)."""
-    key = obj
-    if key in _SOURCE_CACHE:
-        return _SOURCE_CACHE[key]
+    if obj not in _SOURCE_CACHE:
+        tree = _parsed(obj)
+        _SOURCE_CACHE[obj] = (
+            repr(getattr(obj, "__code__", obj)) if tree is None else ast.dump(tree, annotate_fields=False)
+        )
+    return _SOURCE_CACHE[obj]
+
+
+def _parsed(obj: Any) -> ast.AST | None:
+    """A function's or class's source parsed once, docstrings removed (None where there is no source)."""
+    if obj in _TREE_CACHE:
+        return _TREE_CACHE[obj]
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
     except (OSError, TypeError, SyntaxError):
-        text = repr(getattr(obj, "__code__", obj))
+        tree = None
     else:
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
@@ -114,9 +125,8 @@ def _tree_text(obj: Any) -> str:
                 and isinstance(body[0].value.value, str)
             ):
                 node.body = body[1:] or [ast.Pass()]
-        text = ast.dump(tree, annotate_fields=False)
-    _SOURCE_CACHE[key] = text
-    return text
+    _TREE_CACHE[obj] = tree
+    return tree
 
 
 class _Constant:
@@ -169,11 +179,17 @@ def _annotation_classes(fn: types.FunctionType) -> dict[str, Any]:
     return out
 
 
-def _references(fn: types.FunctionType) -> Iterator[Any]:
-    """The project objects and module-level constants a function's body names."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
+def _references(fn: types.FunctionType) -> list[Any]:
+    """The project objects and module-level constants a function's body names, found once per function:
+    the stages share most of their code, so the Dagster definitions' code versions parse it once."""
+    if fn not in _REFERENCES_CACHE:
+        _REFERENCES_CACHE[fn] = list(_find_references(fn))
+    return _REFERENCES_CACHE[fn]
+
+
+def _find_references(fn: types.FunctionType) -> Iterator[Any]:
+    tree = _parsed(fn)
+    if tree is None:
         return
     scope = dict(vars(builtins)) | fn.__globals__
     if fn.__closure__:

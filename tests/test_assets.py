@@ -1,7 +1,5 @@
 """Assets through `dagster.materialize`: metadata, checks, the sensor, and blocking checks that fail."""
 
-import json
-
 import pandas as pd
 import yaml
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, build_sensor_context, materialize
@@ -51,6 +49,21 @@ def test_graph_shape():
     assert deps["silver_instantiation_examples"] == {"template_matches", "template_index"}
 
 
+def test_assets_carry_code_versions_and_tags_from_the_registry():
+    from fineinstructions_core.codesig import code_signature
+    from fineinstructions_core.registry import REGISTRY
+
+    by_key = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    for spec in REGISTRY:
+        asset = by_key[spec.name]
+        # The UI's "code version changed" follows the same code signature the CLI's staleness uses.
+        assert asset.code_versions_by_key[asset.key] == code_signature(spec.compute)[:16]
+        tags = asset.specs_by_key[asset.key].tags
+        assert tags["partitioning"] == spec.partitioning.value
+        assert tags["run"] == ("default" if spec.default_run else "on_request")
+    assert by_key["genericizer_model"].specs_by_key[AssetKey("genericizer_model")].tags["run"] == "on_request"
+
+
 def test_materialize_query_stages_with_checks(tiny_project, dagster_home):
     instance = DagsterInstance.get()
     cfg = load_config(tiny_project)
@@ -64,8 +77,15 @@ def test_materialize_query_stages_with_checks(tiny_project, dagster_home):
     assert result.success
     mats = result.asset_materializations_for_node("query_set")
     meta = mats[0].metadata
-    assert meta["row_count"].value == len(Lake(cfg.lake_dir).read("query_set", "nq"))
-    assert json.loads(json.dumps(meta["funnel"].value))["in"] == 6
+    out = Lake(cfg.lake_dir).read("query_set", "nq")
+    assert meta["dagster/row_count"].value == len(out)
+    schema = {c.name: c for c in meta["dagster/column_schema"].value.columns}
+    assert list(schema) == list(out.columns)
+    assert schema["query_id"].constraints.unique and not schema["query_id"].constraints.nullable
+    assert schema["query"].description == "required by the stage's output contract"
+    funnel = {r.data["step"]: r.data["rows"] for r in meta["funnel"].value.records}
+    assert funnel["in"] == 6 == funnel["out"] + sum(v for k, v in funnel.items() if k.startswith("rejected: "))
+    assert meta["funnel_plot"].value.startswith("![funnel](data:image/svg+xml;base64,")
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"ids_unique_not_null": True, "schema": True, "accounting": True, "yield": True}
 

@@ -165,7 +165,7 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
     assert result.success
     meta = result.asset_materializations_for_node("matching_embedding")[0].metadata
     assert meta["labels"].value == "teacher_judgment"
-    funnel = meta["funnel"].value
+    funnel = {r.data["step"]: r.data["rows"] for r in meta["funnel"].value.records}
     judged = funnel["in"]
     matches = Lake(cfg.lake_dir).read_all("template_matches")
     assert judged == int((matches["rank"] < 5).sum()) > 0  # each document's top five matches
