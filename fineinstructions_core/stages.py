@@ -9,7 +9,6 @@ tests all run these functions through it.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -25,7 +24,7 @@ from .llm_requests import genericize_requests, instantiation_requests, judge_req
 from .plots import svg_markdown
 from .queries import Decontaminator, build_query_set, load_eval_questions, load_unsafe_patterns
 from .shards import get_shard
-from .stage_base import StageContext, StageResult
+from .stage_base import ProgressReporter, StageContext, StageResult
 from .template_sources import load_template_source
 
 # ----------------------------------------------------------------------------------------- queries
@@ -212,13 +211,7 @@ def document_index(ctx: StageContext) -> StageResult:
     m = ctx.cfg.matching
     K, sigma, alpha = m.k, m.sigma, m.alpha
     embedder = Embedder(ctx.cfg.embedder)
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        if time.perf_counter() - last[0] > 15 or done == total:
-            last[0] = time.perf_counter()
-            logger(f"document_index[{shard_key}]: {done}/{total} windows embedded")
-
+    progress = ProgressReporter(f"document_index[{shard_key}]", logger, unit="windows embedded")
     pooled = embedder.embed_documents(
         list(docs["text"]), K, sigma, alpha, progress=progress, min_width=m.min_local_width
     )
