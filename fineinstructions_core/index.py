@@ -10,8 +10,9 @@ brute force is fast there and gives perfect recall. Above it, `factory` picks an
   18M-template bank): "IVF{nlist}_HNSW32,PQ{dim/4}x4fs,Refine(SQ8)". A 4-bit fast-scan PQ over IVF lists
   (an HNSW graph finds the lists, so assigning millions of vectors stays cheap) proposes k*k_factor
   candidates, re-ranked on 8-bit scalar-quantized vectors. The re-ranking codes are streamed to disk
-  while building (`write_index_from_batches`) and memory-mapped when searching, so neither the build nor
-  the search holds them in memory;
+  while building (`write_index_from_batches`), so the build never holds them, and memory-mapped when
+  searching, so the pages a search touches are page cache (shared by every process that searches the
+  file, and reclaimed under memory pressure) rather than process memory;
 * "flat"/"exact": always exact;
 * anything else is a FAISS `index_factory` string, for example "IVF4096,Flat", "HNSW32" or
   "IVF{nlist},PQ48" ("{nlist}" is replaced by the automatic nlist).
