@@ -26,7 +26,7 @@ import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass as settings
 
-from .index import DEFAULT_K_FACTOR
+from .index import DEFAULT_K_FACTOR, DEFAULT_NPROBE
 from .llm.models import EMBEDDED_EMBEDDER, EMBEDDED_LLM
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class MatchingSettings:
     seed: Int = 0
     exact_below: Int = Field(100_000, ge=0)
     index_factory: Str = "auto"
-    nprobe: Int = Field(16, ge=1)
+    nprobe: Int = Field(DEFAULT_NPROBE, ge=1)  # 32: the compressed index at 18M needs it (README)
     k_factor: Int = Field(DEFAULT_K_FACTOR, ge=1)  # a re-ranking (compressed) index re-scores k * k_factor
     embed_batch: Int = Field(4096, ge=1)
     train_size: Int = Field(131_072, ge=1)
