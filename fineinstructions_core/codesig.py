@@ -26,7 +26,6 @@ from typing import Any
 PROJECT_PACKAGE = "fineinstructions_core"
 _PLAIN = (str, bytes, int, float, bool, type(None))
 _SOURCE_CACHE: dict[Any, str] = {}
-_REFERENCES_CACHE: dict[Any, list[Any]] = {}
 _TREE_CACHE: dict[Any, ast.AST | None] = {}
 
 
@@ -179,15 +178,9 @@ def _annotation_classes(fn: types.FunctionType) -> dict[str, Any]:
     return out
 
 
-def _references(fn: types.FunctionType) -> list[Any]:
-    """The project objects and module-level constants a function's body names, found once per function:
-    the stages share most of their code, so the Dagster definitions' code versions parse it once."""
-    if fn not in _REFERENCES_CACHE:
-        _REFERENCES_CACHE[fn] = list(_find_references(fn))
-    return _REFERENCES_CACHE[fn]
-
-
-def _find_references(fn: types.FunctionType) -> Iterator[Any]:
+def _references(fn: types.FunctionType) -> Iterator[Any]:
+    """The project objects and module-level constants a function's body names. Resolved afresh on every
+    call (a patched prompt or function must count); only the parsed source is kept per function."""
     tree = _parsed(fn)
     if tree is None:
         return

@@ -191,6 +191,19 @@ def _edited_copy(tmp: Path, module: str, old: str, new: str) -> Path:
     return root
 
 
+def test_a_patched_prompt_changes_the_signature_after_it_was_computed(monkeypatch):
+    """Parsed sources are kept between calls, the values they read are not: a prompt edited in a running
+    process (or a code location reloaded) still changes its stage's code signature."""
+    from fineinstructions_core import judge
+    from fineinstructions_core.codesig import code_signature
+
+    compute = REGISTRY["judged_corpus"].compute
+    before = code_signature(compute)
+    assert code_signature(compute) == before
+    monkeypatch.setattr(judge, "PROMPT", judge.PROMPT + " ")
+    assert code_signature(compute) != before
+
+
 def test_signatures_follow_the_code_each_stage_runs(tiny_project: Path, tmp_path: Path):
     """Edits in a temporary copy of the package: logic in a helper one stage calls (and one in the
     stage module itself) changes exactly that stage's signature; a docstring or comment changes none."""
