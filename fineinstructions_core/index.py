@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -433,17 +433,23 @@ def save_index(index, path: Path) -> Path:
     import faiss
 
     path = Path(path)
+    _write_atomically(path, lambda tmp: faiss.write_index(index, tmp))
+    return path
+
+
+def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`; on any failure
+    the temporary file is removed and `path` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        faiss.write_index(index, tmp)
+        write(tmp)
         honour_umask(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def _save_refine_with_codes(index, codes: Path, path: Path) -> None:
@@ -465,13 +471,10 @@ def _save_refine_with_codes(index, codes: Path, path: Path) -> None:
     expected = n * refine.code_size
     if codes.stat().st_size != expected:
         raise RuntimeError(f"re-ranking codes {codes}: {codes.stat().st_size} bytes, expected {expected}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         faiss.write_index(index, tmp)
-        size = os.path.getsize(tmp)
-        cut = size - len(tail) - len(k_bytes)
+        cut = os.path.getsize(tmp) - len(tail) - len(k_bytes)
         with open(tmp, "r+b") as f:
             f.seek(cut)
             if f.read() != tail + k_bytes:
@@ -485,11 +488,8 @@ def _save_refine_with_codes(index, codes: Path, path: Path) -> None:
             with open(codes, "rb") as src:
                 shutil.copyfileobj(src, f, 16 * 2**20)
             f.write(k_bytes)
-        honour_umask(tmp, directory=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    _write_atomically(path, write)
 
 
 def _mmap_flag_sets() -> list[tuple[str, int]]:
