@@ -1,6 +1,7 @@
 """The `fineinstructions` command: run the whole graph without the UI, register partitions, read stats.
 
-`run` materializes through Dagster (so every run shows in the UI of the same DAGSTER_HOME), but only
+`run` materializes through Dagster, each run a run of one of the code location's jobs (so it shows in the
+UI of the same DAGSTER_HOME under that job, and the UI can re-execute it), but only
 the partitions whose inputs changed. The run order comes from the stage registry: for each chain of
 partitioned stages and each partition it finds the first stale stage and materializes that stage and
 everything after it in one run; each unpartitioned stage runs on its own when it is stale.
@@ -106,14 +107,11 @@ def _blocked(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dagster import AssetKey, materialize
-
     from fineinstructions_core.preflight import preflight
 
-    from .assets import ALL_ASSETS
+    from .definitions import job_for
     from .partitions import active_partitions, register_partitions
-    from .resources import FineInstructionsResource
-    from .runs import PoolTimeout, process_tags, reap_dead_runs, wait_for_pools
+    from .runs import PoolTimeout, execute_defined_job, process_tags, reap_dead_runs, wait_for_pools
 
     overrides = _overrides(args.set)
     cfg = load_config(args.config, overrides)
@@ -137,10 +135,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"(new: {sum(len(v) for v in added.values())})",
         flush=True,
     )
-    resource = FineInstructionsResource(
-        config_path=str(Path(args.config).resolve()) if args.config else "",
-        overrides=json.dumps(overrides) if overrides else "",
-    )
+    # The run config a re-execution from the UI reuses: this config file and overrides, in one process.
+    run_config = {
+        "resources": {
+            "fi": {
+                "config": {
+                    "config_path": str(Path(args.config).resolve()) if args.config else "",
+                    "overrides": json.dumps(overrides) if overrides else "",
+                }
+            }
+        },
+        "execution": {"config": {"in_process": {}}},
+        "loggers": {"console": {"config": {"log_level": args.log_level}}},
+    }
     started = time.perf_counter()
     runs = 0
     failed: dict[str, set[str]] = {}
@@ -169,16 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             for s in selection:
                 failed.setdefault(s, set()).add(key)
             return
-        result = materialize(
-            ALL_ASSETS,
-            selection=[AssetKey(a) for a in selection],
-            partition_key=partition,
-            instance=instance,
-            resources={"fi": resource},
-            raise_on_error=False,
-            tags=process_tags(),
-            run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
-        )
+        job = job_for(selection)
+        result = execute_defined_job(instance, job, selection, partition, run_config, process_tags())
         runs += 1
         if not result.success:
             done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -195,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 flush=True,
             )
             return
-        print(f"  done in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})", flush=True)
+        print(f"  done in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]} of {job})", flush=True)
 
     for stages, partition in runs_to_do(cfg, sources, shards, include_on_demand=args.distillation, force=args.all):
         launch(stages, partition)

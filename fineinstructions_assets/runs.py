@@ -1,5 +1,9 @@
-"""Run hygiene for runs the CLI makes: tagged with their process, reaped when that process is gone,
-and never left waiting silently for a concurrency pool.
+"""The runs the CLI makes: runs of the code location's defined jobs, tagged with their process, reaped when
+that process is gone, and never left waiting silently for a concurrency pool.
+
+A run is created in the instance with the same origin a run launched from the UI has (the workspace's
+code location, its repository and job), then executed in this process. So the UI lists it under its job,
+shows it on the timeline and can re-execute it, with the same run config.
 
 A run killed with SIGKILL stays STARTED in the instance and keeps the pool slots its steps claimed,
 so every later run waiting on that pool would wait forever. Each run the CLI starts is tagged with the
@@ -13,12 +17,27 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, JobExecutionResult, RunsFilter
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.execution.api import execute_run
+from dagster._core.remote_origin import (
+    ManagedGrpcPythonEnvCodeLocationOrigin,
+    RemoteJobOrigin,
+    RemoteRepositoryOrigin,
+)
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
+# What workspace.yaml loads: a python_module location is named after its module.
+CODE_LOCATION = "fineinstructions_assets.definitions"
+DEFINITIONS_ATTRIBUTE = "defs"
+REPOSITORY = "__repository__"  # the name Dagster gives the repository of a Definitions object
+WORKING_DIRECTORY = str(Path(__file__).resolve().parent.parent)
 PID_TAG = "fineinstructions/pid"
 HOST_TAG = "fineinstructions/host"
 START_TAG = "fineinstructions/process_start"
@@ -66,6 +85,10 @@ def reap_dead_runs(instance: DagsterInstance, only_pid: int | None = None) -> li
     `only_pid` reaps this process's own runs whatever their state (on SIGTERM). Returns the run ids."""
     reaped = []
     for run in instance.get_runs(RunsFilter(statuses=_UNFINISHED, tags={HOST_TAG: socket.gethostname()})):
+        if run.parent_run_id:
+            # A re-execution (from the UI) copies its parent's tags, process included, but runs in a run
+            # worker of its own: the daemon's run monitoring watches it, not this.
+            continue
         tags = dict(run.tags)
         if only_pid is not None:
             if tags.get(PID_TAG) != str(only_pid):
@@ -120,3 +143,35 @@ def wait_for_pools(
                 say(f"  waiting for concurrency pool {pool!r}: held by {held}")
                 last_said = now
             time.sleep(poll_s)
+
+
+def execute_defined_job(
+    instance: DagsterInstance,
+    job_name: str,
+    selection: Sequence[str],
+    partition: str | None,
+    run_config: Mapping[str, Any],
+    tags: Mapping[str, str],
+) -> JobExecutionResult:
+    """Run `selection` (asset names) of the defined job `job_name` for one partition, in this process, as
+    a normal run of the instance: UI-launched runs carry the same origin, so the UI treats both alike."""
+    repo = ReconstructableRepository.for_module(CODE_LOCATION, DEFINITIONS_ATTRIBUTE, WORKING_DIRECTORY)
+    job = repo.get_reconstructable_job(job_name)
+    target = LoadableTargetOrigin(
+        executable_path=sys.executable,
+        module_name=CODE_LOCATION,
+        working_directory=WORKING_DIRECTORY,
+    )
+    origin = RemoteJobOrigin(
+        RemoteRepositoryOrigin(ManagedGrpcPythonEnvCodeLocationOrigin(target, CODE_LOCATION), REPOSITORY), job_name
+    )
+    run_tags = {**tags, **({"dagster/partition": partition} if partition else {})}
+    run = instance.create_run_for_job(
+        job_def=job.get_definition(),
+        run_config=run_config,
+        tags=run_tags,
+        asset_selection=frozenset(AssetKey(a) for a in selection),
+        remote_job_origin=origin,
+        job_code_origin=job.get_python_origin(),
+    )
+    return execute_run(job, run, instance, raise_on_error=False)

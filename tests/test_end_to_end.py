@@ -36,6 +36,13 @@ def test_whole_graph_end_to_end(tiny_project, dagster_home, capsys, monkeypatch)
     cfg_arg = ["--config", str(tiny_project)]
     out = _run(capsys, *cfg_arg, "run")
     assert "materializing training_corpus" in out
+    # Every run is a run of a defined job of the code location (the UI can re-execute it), none ephemeral.
+    runs = DagsterInstance.get().get_runs()
+    assert runs and {r.job_name for r in runs} == {"query_source_job", "corpus_shard_job", "index_and_training_job"}
+    assert {r.remote_job_origin.repository_origin.get_label() for r in runs if r.remote_job_origin} == {
+        "__repository__@fineinstructions_assets.definitions"
+    }
+    assert all(r.remote_job_origin for r in runs)
 
     stats = json.loads(_run(capsys, *cfg_arg, "stats", "--json"))
     assert stats["all_balanced"], stats

@@ -4,6 +4,8 @@ The in-process tests never exercise what a user actually runs: the workspace.yam
 QueuedRunCoordinator (a queued run only starts if the daemon dequeues it), the `fi` resource reading
 FI_CONFIG inside the run worker, and the run launcher's subprocess. This test launches one query-source
 partition (`raw_queries` + `query_set`, no LLM) the way the UI would, and checks the lake file it writes.
+It also makes a run the way `fineinstructions run` does and re-executes it through GraphQL as the UI's
+"Re-execute" button does: a CLI run is a run of a defined job, not an ephemeral one the UI cannot rerun.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from conftest import ROOT, make_tiny_project
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
 
+from fineinstructions_assets.definitions import job_for
 from fineinstructions_assets.partitions import register_partitions
+from fineinstructions_assets.runs import execute_defined_job, process_tags
 from fineinstructions_core.config import load_config
 
 LOCATION = "fineinstructions_assets.definitions"  # a python_module location is named after its module
@@ -52,6 +56,32 @@ query {
 
 
 ASSET_NODES_QUERY = "query { assetNodes { assetKey { path } groupName } }"
+
+RUN_QUERY = """
+query($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run { pipelineName status repositoryOrigin { repositoryName repositoryLocationName } }
+  }
+}
+"""
+
+REEXECUTE = """
+mutation($parentRunId: String!) {
+  launchRunReexecution(reexecutionParams: {parentRunId: $parentRunId, strategy: ALL_STEPS}) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+
+def _graphql(url: str, query: str, **variables: Any) -> dict[str, Any]:
+    body = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=60).json()
+    assert "errors" not in body, body
+    return body["data"]
 
 
 def _free_port() -> int:
@@ -140,6 +170,13 @@ def test_partition_run_through_webserver_and_daemon(
     with DagsterInstance.get() as instance:  # registered up front, so the sensor has nothing to launch
         register_partitions(cfg, instance)
         assert PARTITION in instance.get_dynamic_partitions("query_sources")
+        # A run as `fineinstructions run` makes it (in this process, with the CLI's run config).
+        run_config = {
+            "resources": {"fi": {"config": {"config_path": str(config_path), "overrides": ""}}},
+            "execution": {"config": {"in_process": {}}},
+        }
+        cli_run = execute_defined_job(instance, job_for(ASSETS), ASSETS, PARTITION, run_config, process_tags())
+        assert cli_run.success
 
     env = {
         **os.environ,
@@ -184,20 +221,42 @@ def test_partition_run_through_webserver_and_daemon(
 
         status: list[DagsterRunStatus] = []
 
-        def finished() -> bool:
-            status.append(client.get_run_status(run_id))
+        def finished(rid: str) -> bool:
+            status.append(client.get_run_status(rid))
             if status[-1] in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
-                pytest.fail(f"run {run_id} ended {status[-1].value}\n{logs()}")
+                pytest.fail(f"run {rid} ended {status[-1].value}\n{logs()}")
             if daemon.poll() is not None:
                 pytest.fail(f"dagster-daemon exited with code {daemon.returncode}\n{logs()}")
             return status[-1] == DagsterRunStatus.SUCCESS
 
         _wait_for(
             f"run {run_id} to succeed",
-            finished,
+            lambda: finished(run_id),
             RUN_TIMEOUT_S,
             lambda: f"last status: {status[-1].value if status else None}\n{logs()}",
         )
+
+        # The CLI's run, seen by the UI: its job and code location, and re-executable from there.
+        seen = _graphql(url, RUN_QUERY, runId=cli_run.run_id)["runOrError"]
+        assert seen["pipelineName"] == "query_source_job", seen
+        assert seen["repositoryOrigin"] == {
+            "repositoryName": "__repository__",
+            "repositoryLocationName": LOCATION,
+        }, seen
+        launched = _graphql(url, REEXECUTE, parentRunId=cli_run.run_id)["launchRunReexecution"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        rerun_id = launched["run"]["runId"]
+        status.clear()
+        _wait_for(
+            f"re-execution {rerun_id} to succeed",
+            lambda: finished(rerun_id),
+            RUN_TIMEOUT_S,
+            lambda: f"last status: {status[-1].value if status else None}\n{logs()}",
+        )
+        with DagsterInstance.get() as instance:
+            rerun = instance.get_run_by_id(rerun_id)
+            assert rerun is not None and rerun.parent_run_id == cli_run.run_id
+            assert rerun.job_name == "query_source_job" and rerun.tags["dagster/partition"] == PARTITION
 
     out = config_path.parent / "data" / "lake" / "query_set" / f"{PARTITION}.parquet"
     assert out.exists(), f"no lake file at {out}"
