@@ -17,6 +17,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
+    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     PartitionsDefinition,
@@ -197,6 +198,7 @@ def stage_asset(spec: StageSpec, registry: Registry = REGISTRY) -> AssetsDefinit
         kinds={"parquet", "python"},
         code_version=code_version(spec),
         tags=_tags(spec),
+        automation_condition=automation_condition(spec),
     )
     def _asset(context: AssetExecutionContext, fi: FineInstructionsResource) -> MaterializeResult:
         cfg = fi.load()
@@ -206,6 +208,24 @@ def stage_asset(spec: StageSpec, registry: Registry = REGISTRY) -> AssetsDefinit
         return _report(context, spec.name, result, fi, registry)
 
     return _asset
+
+
+def automation_condition(spec: StageSpec) -> AutomationCondition | None:
+    """When Dagster's automation sensor reruns a stage: an input partition was updated since the stage
+    last ran or was requested, no input is missing or still running, and the stage itself is not running.
+
+    Not `eager()`: a new partition's chain is launched whole, in one run, by the partition sensor, so
+    a newly missing partition is no trigger here (the two sensors would race to launch it); everything
+    after it (the template index, every shard's matches when the index changed, the training corpus)
+    follows from its updates. On-request stages have none."""
+    if not spec.default_run:
+        return None
+    return (
+        AutomationCondition.any_deps_updated().since_last_handled()
+        & ~AutomationCondition.any_deps_missing()
+        & ~AutomationCondition.any_deps_in_progress()
+        & ~AutomationCondition.in_progress()
+    ).with_label("an input changed")
 
 
 def code_version(spec: StageSpec) -> str:

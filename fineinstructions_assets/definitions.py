@@ -1,4 +1,4 @@
-"""The code location: every asset, the partition sensor, jobs and the config resource, from the registry."""
+"""The code location: every asset, the sensors, jobs and the config resource, from the registry."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fineinstructions_core.registry import REGISTRY, Partitioning, Registry
 
 from .assets import build_assets
 from .resources import FineInstructionsResource
-from .sensors import build_partition_sensor
+from .sensors import build_automation_sensors, build_partition_sensor
 
 # One job per (partitioning, default run): every run the CLI makes is a run of one of these, so the UI can
 # re-execute it and its timeline shows it; the distillation loop has a job of its own, never run by default.
@@ -54,7 +54,7 @@ def build_definitions(registry: Registry = REGISTRY) -> Definitions:
     return Definitions(
         assets=build_assets(registry),
         jobs=build_jobs(registry),
-        sensors=[build_partition_sensor(registry)],
+        sensors=[build_partition_sensor(registry), *build_automation_sensors(registry)],
         resources={"fi": FineInstructionsResource()},
     )
 

@@ -1,9 +1,15 @@
-"""The partition sensor: registers query sources and corpus shards from the config and runs new ones."""
+"""The sensors: one registers query sources and corpus shards from the config and runs each new one's
+chain; the automation sensors carry what changed on through the graph (each asset's automation condition
+says when), one for the data stages, running by default, one for the training assets, off until the
+user turns it on."""
 
 from __future__ import annotations
 
+import os
+
 from dagster import (
     AssetKey,
+    AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     RunRequest,
     SensorDefinition,
@@ -19,6 +25,10 @@ from .partitions import PARTITIONS, desired_partitions
 from .resources import FineInstructionsResource
 
 
+# How often the sensors look for work (seconds); FI_SENSOR_INTERVAL_S changes it for the code location.
+SENSOR_INTERVAL_S = int(os.environ.get("FI_SENSOR_INTERVAL_S", "30"))
+
+
 def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
     """A sensor whose targets are the registry's partitioned stages of the default run."""
     chains = [(pdef, registry.partitioned_by(p)) for p, pdef in PARTITIONS.items()]
@@ -26,7 +36,7 @@ def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
 
     @sensor(
         name="partition_registration_sensor",
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=SENSOR_INTERVAL_S,
         default_status=DefaultSensorStatus.RUNNING,
         asset_selection=targets,
         description="Registers query sources and corpus shards from the config and runs each new one's chain.",
@@ -53,6 +63,37 @@ def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
         return SensorResult(run_requests=requests, dynamic_partitions_requests=adds)
 
     return partition_registration_sensor
+
+
+def build_automation_sensors(registry: Registry = REGISTRY) -> list[AutomationConditionSensorDefinition]:
+    """The data stages' automation runs by default; retraining and comparing models (minutes each) only
+    once the user starts `training_automation_sensor` (UI: Automation, or `dagster sensor start`)."""
+    automated = [s for s in registry if s.default_run]
+    data = [AssetKey(s.name) for s in automated if not s.opt_in_automation]
+    training = [AssetKey(s.name) for s in automated if s.opt_in_automation]
+    sensors = [
+        AutomationConditionSensorDefinition(
+            "pipeline_automation_sensor",
+            target=data,
+            default_status=DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=SENSOR_INTERVAL_S,
+            emit_backfills=False,
+            description="Reruns each data stage whose input changed: a new query source's templates reach the "
+            "template index and every shard's matches, a new shard's pairs the training corpus.",
+        )
+    ]
+    if training:
+        sensors.append(
+            AutomationConditionSensorDefinition(
+                "training_automation_sensor",
+                target=training,
+                default_status=DefaultSensorStatus.STOPPED,
+                minimum_interval_seconds=SENSOR_INTERVAL_S,
+                emit_backfills=False,
+                description="Opt-in: retrains and compares the models when the training corpus changed.",
+            )
+        )
+    return sensors
 
 
 partition_registration_sensor = build_partition_sensor()

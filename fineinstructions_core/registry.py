@@ -68,6 +68,8 @@ class StageSpec:
     side_files: tuple[str, ...] = ()  # files beside the output that downstream stages read (index.faiss)
     inputs: InputsFn | None = None
     default_run: bool = True  # False: only on request (the distillation loop retrains models)
+    # True: rerun on a changed input only once the user opts in to that automation (retraining costs minutes).
+    opt_in_automation: bool = False
 
     @property
     def partitioned(self) -> bool:
@@ -386,6 +388,7 @@ STAGES = (
         "The base LM continued-pretrained on the training corpus's texts, packed, loss on every token "
         "(tokens seen, loss curves, tokens/s).",
         pool="training",
+        opt_in_automation=True,
     ),
     StageSpec(
         "baseline_model",
@@ -400,6 +403,7 @@ STAGES = (
         pool="training",
         reads=("documents",),
         inputs=_baseline_inputs,
+        opt_in_automation=True,
     ),
     StageSpec(
         "model_comparison",
@@ -414,6 +418,7 @@ STAGES = (
         pool="llm",
         reads=("training_corpus", "documents", "raw_queries"),
         inputs=_comparison_inputs,
+        opt_in_automation=True,
     ),
     # The distillation loop's settings are the teacher profile's, never the active one's (its inputs,
     # query_set and template_matches, are what the pipeline made).

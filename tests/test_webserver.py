@@ -11,22 +11,19 @@ It also makes a run the way `fineinstructions run` does and re-executes it throu
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import requests
-from conftest import ROOT, make_tiny_project
+from conftest import make_tiny_project
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
+from services import BIN, free_port, service, tail, wait_for
 
 from fineinstructions_assets.definitions import job_for
 from fineinstructions_assets.partitions import register_partitions
@@ -38,10 +35,9 @@ PARTITION = "nq"
 ASSETS = ["raw_queries", "query_set"]
 STARTUP_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 240.0
-BIN = Path(sys.executable).parent
 
 # Raised inside gql by DagsterGraphQLClient itself; nothing this test can change.
-pytestmark = pytest.mark.filterwarnings("ignore:Using variable_values:DeprecationWarning")
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:Using variable_values:DeprecationWarning")]
 
 LOCATION_QUERY = """
 query {
@@ -82,61 +78,6 @@ def _graphql(url: str, query: str, **variables: Any) -> dict[str, Any]:
     body = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=60).json()
     assert "errors" not in body, body
     return body["data"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else "(no log)"
-    return f"--- {path.name} (tail) ---\n{text[-n:]}"
-
-
-@contextmanager
-def _service(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a service in its own process group; always stop it (SIGTERM, then SIGKILL after a grace period)."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield proc
-        finally:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group: the webserver/daemon spawn code servers
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also reaps code servers left behind by a clean exit
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=grace_s)
-
-
-def _wait_for(what: str, ready: Callable[[], bool], timeout_s: float, logs: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        time.sleep(1.0)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}\n{logs()}")
 
 
 def _location_loaded(url: str, procs: list[subprocess.Popen[bytes]], logs: Callable[[], str]) -> bool:
@@ -184,20 +125,20 @@ def test_partition_run_through_webserver_and_daemon(
         "FI_CONFIG": str(config_path),
         "HF_HUB_OFFLINE": "1",
     }
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     web_log, daemon_log = tmp_path / "webserver.log", tmp_path / "daemon.log"
 
     def logs() -> str:
-        return "\n".join(_tail(p) for p in (web_log, daemon_log))
+        return "\n".join(tail(p) for p in (web_log, daemon_log))
 
     with ExitStack() as stack:
         web_args = ["-w", "workspace.yaml", "--host", "127.0.0.1", "--port", str(port)]
-        web = stack.enter_context(_service([str(BIN / "dagster-webserver"), *web_args], env, web_log))
+        web = stack.enter_context(service([str(BIN / "dagster-webserver"), *web_args], env, web_log))
         daemon = stack.enter_context(
-            _service([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, daemon_log)
+            service([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, daemon_log)
         )
-        _wait_for(
+        wait_for(
             "the webserver and its code location",
             lambda: _location_loaded(url, [web, daemon], logs),
             STARTUP_TIMEOUT_S,
@@ -229,7 +170,7 @@ def test_partition_run_through_webserver_and_daemon(
                 pytest.fail(f"dagster-daemon exited with code {daemon.returncode}\n{logs()}")
             return status[-1] == DagsterRunStatus.SUCCESS
 
-        _wait_for(
+        wait_for(
             f"run {run_id} to succeed",
             lambda: finished(run_id),
             RUN_TIMEOUT_S,
@@ -247,7 +188,7 @@ def test_partition_run_through_webserver_and_daemon(
         assert launched["__typename"] == "LaunchRunSuccess", launched
         rerun_id = launched["run"]["runId"]
         status.clear()
-        _wait_for(
+        wait_for(
             f"re-execution {rerun_id} to succeed",
             lambda: finished(rerun_id),
             RUN_TIMEOUT_S,
