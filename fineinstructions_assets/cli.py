@@ -135,7 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"(new: {sum(len(v) for v in added.values())})",
         flush=True,
     )
-    # The run config a re-execution from the UI reuses: this config file and overrides, in one process.
+    # The run config a re-execution from the UI reuses: this config file and overrides (and, with the
+    # default executor, every step in one process).
     run_config = {
         "resources": {
             "fi": {
@@ -145,9 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 }
             }
         },
-        "execution": {"config": {"in_process": {}}},
         "loggers": {"console": {"config": {"log_level": args.log_level}}},
     }
+    if not os.environ.get("FI_EXECUTOR"):  # the default executor: steps in this process, as before
+        run_config["execution"] = {"config": {"in_process": {}}}
     started = time.perf_counter()
     runs = 0
     failed: dict[str, set[str]] = {}

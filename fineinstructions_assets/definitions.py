@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
-from dagster import AssetSelection, Definitions, define_asset_job
+import yaml
+from dagster import AssetSelection, Definitions, ExecutorDefinition, define_asset_job
 
 from fineinstructions_core.registry import REGISTRY, Partitioning, Registry
 
@@ -50,12 +54,42 @@ def job_for(selection: Sequence[str], registry: Registry = REGISTRY) -> str:
     return _JOBS[next(iter(kinds))][0]
 
 
+# FI_EXECUTOR names a step executor of an installed Dagster integration (the default: steps in the run's
+# process tree); FI_EXECUTOR_CONFIG, a YAML file whose `execution.config` configures it, so that runs
+# started by sensors, automation and backfills get the same settings as a launch with that run config.
+EXECUTORS = {"k8s": ("dagster_k8s", "k8s_job_executor")}
+
+
+def executor_from_env(env: dict[str, str] | None = None) -> ExecutorDefinition | None:
+    """The step executor the environment asks for, configured from its file; None for the default."""
+    env = dict(os.environ) if env is None else env
+    name = env.get("FI_EXECUTOR", "").strip()
+    if not name:
+        return None
+    if name not in EXECUTORS:
+        raise ValueError(f"FI_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)} (unset: the default executor)")
+    module, attr = EXECUTORS[name]
+    try:
+        executor = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise ImportError(f"FI_EXECUTOR={name} needs the package {module.replace('_', '-')}: {exc}") from exc
+    path = env.get("FI_EXECUTOR_CONFIG", "").strip()
+    if not path:
+        return executor
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    config = (doc.get("execution") or {}).get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"FI_EXECUTOR_CONFIG={path}: expected an execution.config mapping")
+    return executor.configured(config)
+
+
 def build_definitions(registry: Registry = REGISTRY) -> Definitions:
     return Definitions(
         assets=build_assets(registry),
         jobs=build_jobs(registry),
         sensors=[build_partition_sensor(registry), *build_automation_sensors(registry)],
         resources={"fi": FineInstructionsResource()},
+        executor=executor_from_env(),
     )
 
 

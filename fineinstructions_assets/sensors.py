@@ -24,7 +24,6 @@ from fineinstructions_core.registry import REGISTRY, Registry
 from .partitions import PARTITIONS, desired_partitions
 from .resources import FineInstructionsResource
 
-
 # How often the sensors look for work (seconds); FI_SENSOR_INTERVAL_S changes it for the code location.
 SENSOR_INTERVAL_S = int(os.environ.get("FI_SENSOR_INTERVAL_S", "30"))
 

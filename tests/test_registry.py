@@ -298,3 +298,23 @@ def test_a_config_may_name_a_base_and_state_only_what_it_changes(tiny_project: P
     exp.write_text("base: missing.yaml\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not found"):
         load_config(exp)
+
+
+def test_the_step_executor_comes_from_the_environment_with_clear_errors(tmp_path: Path):
+    from fineinstructions_assets.definitions import executor_from_env
+
+    assert executor_from_env({}) is None  # Dagster's default executor
+    with pytest.raises(ValueError, match="FI_EXECUTOR='spark' is not one of k8s"):
+        executor_from_env({"FI_EXECUTOR": "spark"})
+    try:
+        import dagster_k8s  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs the package dagster-k8s"):
+            executor_from_env({"FI_EXECUTOR": "k8s"})
+    else:
+        bad = tmp_path / "run_config.yaml"
+        bad.write_text("execution: 3\n")
+        with pytest.raises(ValueError, match="expected an execution.config mapping"):
+            executor_from_env({"FI_EXECUTOR": "k8s", "FI_EXECUTOR_CONFIG": str(bad)})
+        shipped = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "run_config_k8s_job_executor.yaml"
+        assert executor_from_env({"FI_EXECUTOR": "k8s", "FI_EXECUTOR_CONFIG": str(shipped)}) is not None
