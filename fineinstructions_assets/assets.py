@@ -217,8 +217,9 @@ def automation_condition(spec: StageSpec) -> AutomationCondition | None:
     Not `eager()`: a new partition's chain is launched whole, in one run, by the partition sensor, so
     a newly missing partition is no trigger here (the two sensors would race to launch it); everything
     after it (the template index, every shard's matches when the index changed, the training corpus)
-    follows from its updates. On-request stages have none."""
-    if not spec.default_run:
+    follows from its updates. On-request stages have none, nor have the chains' first stages (that
+    sensor starts them)."""
+    if not spec.default_run or not spec.upstream:
         return None
     return (
         AutomationCondition.any_deps_updated().since_last_handled()

@@ -67,7 +67,7 @@ def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
 def build_automation_sensors(registry: Registry = REGISTRY) -> list[AutomationConditionSensorDefinition]:
     """The data stages' automation runs by default; retraining and comparing models (minutes each) only
     once the user starts `training_automation_sensor` (UI: Automation, or `dagster sensor start`)."""
-    automated = [s for s in registry if s.default_run]
+    automated = [s for s in registry if s.default_run and s.upstream]  # as assets.automation_condition
     data = [AssetKey(s.name) for s in automated if not s.opt_in_automation]
     training = [AssetKey(s.name) for s in automated if s.opt_in_automation]
     sensors = [
