@@ -212,17 +212,19 @@ def stage_asset(spec: StageSpec, registry: Registry = REGISTRY) -> AssetsDefinit
 
 def automation_condition(spec: StageSpec) -> AutomationCondition | None:
     """When Dagster's automation sensor reruns a stage: an input partition was updated since the stage
-    last ran or was requested, no input is missing or still running, and the stage itself is not running.
+    last ran or was requested, no input is missing or still running or failed a blocking check (its
+    materialization is recorded before the check fails its step), and the stage itself is not running.
 
     Not `eager()`: a new partition's chain is launched whole, in one run, by the partition sensor, so
     a newly missing partition is no trigger here (the two sensors would race to launch it); everything
     after it (the template index, every shard's matches when the index changed, the training corpus)
     follows from its updates. On-request stages have none, nor have the chains' first stages (that
     sensor starts them)."""
-    if not spec.default_run or not spec.upstream:
+    if not spec.automated:
         return None
     return (
         AutomationCondition.any_deps_updated().since_last_handled()
+        & AutomationCondition.all_deps_blocking_checks_passed()
         & ~AutomationCondition.any_deps_missing()
         & ~AutomationCondition.any_deps_in_progress()
         & ~AutomationCondition.in_progress()

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from fineinstructions_core.config import Config, ConfigError, load_config
+from fineinstructions_core.config import Config, ConfigError, default_config_path, load_config
 from fineinstructions_core.io.catalog import lineage, refresh_catalog, stats
 from fineinstructions_core.io.lake import UNPARTITIONED, Lake
 from fineinstructions_core.llm.cache import RequestCache
@@ -111,8 +111,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .definitions import job_for
     from .partitions import active_partitions, register_partitions
-    from .runs import PoolTimeout, execute_defined_job, process_tags, reap_dead_runs, wait_for_pools
+    from .runs import PoolTimeout, cli_run_config, execute_defined_job, process_tags, reap_dead_runs, wait_for_pools
 
+    if os.environ.get("FI_EXECUTOR"):
+        print(
+            f"error: FI_EXECUTOR={os.environ['FI_EXECUTOR']} is set: `fineinstructions run` executes runs in this "
+            "process; launch them from the UI or with `dagster job launch` on that deployment",
+            file=sys.stderr,
+        )
+        return 2
     overrides = _overrides(args.set)
     cfg = load_config(args.config, overrides)
     problems = preflight(cfg, include_distillation=args.distillation)
@@ -135,21 +142,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"(new: {sum(len(v) for v in added.values())})",
         flush=True,
     )
-    # The run config a re-execution from the UI reuses: this config file and overrides (and, with the
-    # default executor, every step in one process).
-    run_config = {
-        "resources": {
-            "fi": {
-                "config": {
-                    "config_path": str(Path(args.config).resolve()) if args.config else "",
-                    "overrides": json.dumps(overrides) if overrides else "",
-                }
-            }
-        },
-        "loggers": {"console": {"config": {"log_level": args.log_level}}},
-    }
-    if not os.environ.get("FI_EXECUTOR"):  # the default executor: steps in this process, as before
-        run_config["execution"] = {"config": {"in_process": {}}}
+    # The config file resolved (FI_CONFIG or ./fineinstructions.yaml when --config is not given), so a
+    # re-execution from the UI reads the same one.
+    config_file = Path(args.config) if args.config else default_config_path()
+    run_config = cli_run_config(config_file.resolve(), json.dumps(overrides) if overrides else "", args.log_level)
     started = time.perf_counter()
     runs = 0
     failed: dict[str, set[str]] = {}
@@ -178,8 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             for s in selection:
                 failed.setdefault(s, set()).add(key)
             return
-        job = job_for(selection)
-        result = execute_defined_job(instance, job, selection, partition, run_config, process_tags())
+        job_name = job_for(selection)
+        result = execute_defined_job(instance, job_name, selection, partition, run_config, process_tags())
         runs += 1
         if not result.success:
             done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -196,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 flush=True,
             )
             return
-        print(f"  done in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]} of {job})", flush=True)
+        print(f"  done in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]} of {job_name})", flush=True)
 
     for stages, partition in runs_to_do(cfg, sources, shards, include_on_demand=args.distillation, force=args.all):
         launch(stages, partition)

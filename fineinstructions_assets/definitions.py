@@ -68,19 +68,26 @@ def executor_from_env(env: dict[str, str] | None = None) -> ExecutorDefinition |
         return None
     if name not in EXECUTORS:
         raise ValueError(f"FI_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)} (unset: the default executor)")
+    path = env.get("FI_EXECUTOR_CONFIG", "").strip()
+    config = _executor_config(path) if path else None
     module, attr = EXECUTORS[name]
     try:
         executor = getattr(importlib.import_module(module), attr)
     except ImportError as exc:
         raise ImportError(f"FI_EXECUTOR={name} needs the package {module.replace('_', '-')}: {exc}") from exc
-    path = env.get("FI_EXECUTOR_CONFIG", "").strip()
-    if not path:
-        return executor
-    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    config = (doc.get("execution") or {}).get("config")
+    return executor if config is None else executor.configured(config)
+
+
+def _executor_config(path: str) -> dict:
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"FI_EXECUTOR_CONFIG={path}: cannot be read as YAML ({exc})") from exc
+    execution = doc.get("execution") if isinstance(doc, dict) else None
+    config = execution.get("config") if isinstance(execution, dict) else None
     if not isinstance(config, dict):
         raise ValueError(f"FI_EXECUTOR_CONFIG={path}: expected an execution.config mapping")
-    return executor.configured(config)
+    return config
 
 
 def build_definitions(registry: Registry = REGISTRY) -> Definitions:

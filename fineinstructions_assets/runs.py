@@ -41,7 +41,8 @@ WORKING_DIRECTORY = str(Path(__file__).resolve().parent.parent)
 PID_TAG = "fineinstructions/pid"
 HOST_TAG = "fineinstructions/host"
 START_TAG = "fineinstructions/process_start"
-_UNFINISHED = [
+UNFINISHED = [
+    DagsterRunStatus.QUEUED,
     DagsterRunStatus.NOT_STARTED,
     DagsterRunStatus.STARTING,
     DagsterRunStatus.STARTED,
@@ -84,10 +85,10 @@ def reap_dead_runs(instance: DagsterInstance, only_pid: int | None = None) -> li
 
     `only_pid` reaps this process's own runs whatever their state (on SIGTERM). Returns the run ids."""
     reaped = []
-    for run in instance.get_runs(RunsFilter(statuses=_UNFINISHED, tags={HOST_TAG: socket.gethostname()})):
+    for run in instance.get_runs(RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: socket.gethostname()})):
         if run.parent_run_id:
             # A re-execution (from the UI) copies its parent's tags, process included, but runs in a run
-            # worker of its own: the daemon's run monitoring watches it, not this.
+            # worker of its own, which Dagster watches (the code server's orphan check), not this.
             continue
         tags = dict(run.tags)
         if only_pid is not None:
@@ -143,6 +144,19 @@ def wait_for_pools(
                 say(f"  waiting for concurrency pool {pool!r}: held by {held}")
                 last_said = now
             time.sleep(poll_s)
+
+
+def cli_run_config(config_path: str | Path, overrides: str = "", log_level: str = "INFO") -> dict[str, Any]:
+    """The run config of a CLI run, which a re-execution from the UI reuses: the config file and its
+    `--set` overrides as the `fi` resource's config, and, with the default executor, every step in
+    this process."""
+    run_config: dict[str, Any] = {
+        "resources": {"fi": {"config": {"config_path": str(config_path), "overrides": overrides}}},
+        "loggers": {"console": {"config": {"log_level": log_level}}},
+    }
+    if not os.environ.get("FI_EXECUTOR"):
+        run_config["execution"] = {"config": {"in_process": {}}}
+    return run_config
 
 
 def execute_defined_job(

@@ -24,8 +24,23 @@ from fineinstructions_core.registry import REGISTRY, Registry
 from .partitions import PARTITIONS, desired_partitions
 from .resources import FineInstructionsResource
 
-# How often the sensors look for work (seconds); FI_SENSOR_INTERVAL_S changes it for the code location.
-SENSOR_INTERVAL_S = int(os.environ.get("FI_SENSOR_INTERVAL_S", "30"))
+
+def _interval_s() -> int:
+    """How often the sensors look for work (seconds); FI_SENSOR_INTERVAL_S changes it for the code location."""
+    raw = os.environ.get("FI_SENSOR_INTERVAL_S", "30")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"FI_SENSOR_INTERVAL_S={raw!r}: expected a whole number of seconds >= 1")
+    return int(raw)
+
+
+SENSOR_INTERVAL_S = _interval_s()
+# FI_AUTOMATION=off: the automation sensors start stopped on a new instance (for instance while
+# `fineinstructions run` does the work, which a running automation sensor would otherwise repeat).
+AUTOMATION_DEFAULT = (
+    DefaultSensorStatus.STOPPED
+    if os.environ.get("FI_AUTOMATION", "on").lower() == "off"
+    else DefaultSensorStatus.RUNNING
+)
 
 
 def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
@@ -67,14 +82,14 @@ def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
 def build_automation_sensors(registry: Registry = REGISTRY) -> list[AutomationConditionSensorDefinition]:
     """The data stages' automation runs by default; retraining and comparing models (minutes each) only
     once the user starts `training_automation_sensor` (UI: Automation, or `dagster sensor start`)."""
-    automated = [s for s in registry if s.default_run and s.upstream]  # as assets.automation_condition
+    automated = [s for s in registry if s.automated]
     data = [AssetKey(s.name) for s in automated if not s.opt_in_automation]
     training = [AssetKey(s.name) for s in automated if s.opt_in_automation]
     sensors = [
         AutomationConditionSensorDefinition(
             "pipeline_automation_sensor",
             target=data,
-            default_status=DefaultSensorStatus.RUNNING,
+            default_status=AUTOMATION_DEFAULT,
             minimum_interval_seconds=SENSOR_INTERVAL_S,
             emit_backfills=False,
             description="Reruns each data stage whose input changed: a new query source's templates reach the "

@@ -72,6 +72,12 @@ class StageSpec:
     opt_in_automation: bool = False
 
     @property
+    def automated(self) -> bool:
+        """Rerun by Dagster's automation when an input changes: default-run stages after a chain's first
+        (the partition sensor starts those)."""
+        return self.default_run and bool(self.upstream)
+
+    @property
     def partitioned(self) -> bool:
         return self.partitioning is not Partitioning.NONE
 

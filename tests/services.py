@@ -49,15 +49,12 @@ def service(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group: the webserver/daemon spawn code servers
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the group: the webserver/daemon spawn code servers
+            proc.wait(timeout=grace_s)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # also reaps code servers left behind by a clean exit
     except ProcessLookupError:

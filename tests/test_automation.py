@@ -21,7 +21,7 @@ from services import BIN, service, tail, wait_for
 
 from fineinstructions_assets.definitions import job_for
 from fineinstructions_assets.partitions import active_partitions, register_partitions
-from fineinstructions_assets.runs import execute_defined_job, process_tags
+from fineinstructions_assets.runs import UNFINISHED, cli_run_config, execute_defined_job, process_tags
 from fineinstructions_core.config import load_config
 from fineinstructions_core.plan import runs_to_do
 from fineinstructions_core.registry import REGISTRY
@@ -32,15 +32,14 @@ INTERVAL_S = 3  # the sensors' interval for this test's code location (30 s by d
 FLOW_TIMEOUT_S = 600.0
 SHARD_CHAIN = ("template_matches", "instruction_pairs", "judged_corpus")
 OPT_IN = [s.name for s in REGISTRY if s.opt_in_automation]
-_UNFINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING]
-_UNFINISHED += [DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
-def _materialized_since(instance: DagsterInstance, asset: str, since: float) -> set[str | None]:
+def _materialized_since(instance: DagsterInstance, asset: str, since: float) -> list[str | None]:
+    """The partitions materialized since then, once per materialization (so a repeated run shows)."""
     records = instance.fetch_materializations(
         AssetRecordsFilter(asset_key=AssetKey(asset), after_timestamp=since), limit=1000
     ).records
-    return {r.partition_key for r in records}
+    return sorted((r.partition_key for r in records), key=str)
 
 
 def _latest(instance: DagsterInstance, asset: str) -> float:
@@ -64,10 +63,7 @@ def test_a_new_query_source_flows_to_the_training_corpus_under_the_daemon(
     first = dict(full, query_sources=[s for s in full["query_sources"] if s["name"] == "nq"])
     write_config(config_path, first)
 
-    run_config = {
-        "resources": {"fi": {"config": {"config_path": str(config_path), "overrides": ""}}},
-        "execution": {"config": {"in_process": {}}},
-    }
+    run_config = cli_run_config(config_path)
     with DagsterInstance.get() as instance:
         cfg = load_config(config_path)
         register_partitions(cfg, instance)
@@ -109,21 +105,23 @@ def test_a_new_query_source_flows_to_the_training_corpus_under_the_daemon(
                     pytest.fail(f"run {failed[0].run_id} of {failed[0].job_name} failed\n{tail(daemon_log)}")
                 if daemon.poll() is not None:
                     pytest.fail(f"dagster-daemon exited with code {daemon.returncode}\n{tail(daemon_log)}")
-                if instance.get_runs(RunsFilter(statuses=_UNFINISHED)):
+                if instance.get_runs(RunsFilter(statuses=UNFINISHED)):
                     return False
                 judged = _latest(instance, "judged_corpus")
                 return (
-                    _materialized_since(instance, "judged_corpus", changed) == set(shards)
+                    set(_materialized_since(instance, "judged_corpus", changed)) == set(shards)
                     and _latest(instance, "training_corpus") > judged
                 )
 
             wait_for("the new source to reach the training corpus", settled, FLOW_TIMEOUT_S, lambda: tail(daemon_log))
 
             assert "wf" in instance.get_dynamic_partitions("query_sources")
-            assert _materialized_since(instance, "template_bank", changed) == {"wf"}
-            assert _materialized_since(instance, "template_index", changed) == {None}
+            # Each exactly once: nothing is launched twice by the two sensors or by successive ticks.
+            assert _materialized_since(instance, "template_bank", changed) == ["wf"]
+            assert _materialized_since(instance, "template_index", changed) == [None]
             for stage in SHARD_CHAIN:  # a changed template index reaches every shard
-                assert _materialized_since(instance, stage, changed) == set(shards), stage
+                assert _materialized_since(instance, stage, changed) == sorted(shards), stage
+            assert _materialized_since(instance, "training_corpus", changed) == [None]
             for stage in OPT_IN:  # the training models' automation is opt-in, and off
                 assert not _materialized_since(instance, stage, 0.0), stage
             new_runs = instance.get_runs()[: len(instance.get_runs()) - runs_before]

@@ -7,6 +7,7 @@ file materializes only its new shard and what depends on it.
 import json
 from pathlib import Path
 
+import pytest
 from dagster import DagsterInstance, materialize
 
 from fineinstructions_assets.assets import matching_embedding
@@ -18,6 +19,7 @@ from fineinstructions_core.io.catalog import connect_readonly
 from fineinstructions_core.io.lake import Lake
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
 
 
 def _run(capsys, *args: str) -> str:

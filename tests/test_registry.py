@@ -306,15 +306,20 @@ def test_the_step_executor_comes_from_the_environment_with_clear_errors(tmp_path
     assert executor_from_env({}) is None  # Dagster's default executor
     with pytest.raises(ValueError, match="FI_EXECUTOR='spark' is not one of k8s"):
         executor_from_env({"FI_EXECUTOR": "spark"})
+    # The settings file is checked before the integration is imported, installed or not.
+    for text in ("execution: 3\n", "- a\n- list\n", "execution:\n  config: [1]\n"):
+        bad = tmp_path / "run_config.yaml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="expected an execution.config mapping"):
+            executor_from_env({"FI_EXECUTOR": "k8s", "FI_EXECUTOR_CONFIG": str(bad)})
+    bad.write_text("execution: [unclosed\n")
+    with pytest.raises(ValueError, match="cannot be read as YAML"):
+        executor_from_env({"FI_EXECUTOR": "k8s", "FI_EXECUTOR_CONFIG": str(bad)})
     try:
         import dagster_k8s  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="needs the package dagster-k8s"):
             executor_from_env({"FI_EXECUTOR": "k8s"})
     else:
-        bad = tmp_path / "run_config.yaml"
-        bad.write_text("execution: 3\n")
-        with pytest.raises(ValueError, match="expected an execution.config mapping"):
-            executor_from_env({"FI_EXECUTOR": "k8s", "FI_EXECUTOR_CONFIG": str(bad)})
         shipped = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "run_config_k8s_job_executor.yaml"
         assert executor_from_env({"FI_EXECUTOR": "k8s", "FI_EXECUTOR_CONFIG": str(shipped)}) is not None

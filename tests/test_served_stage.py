@@ -28,6 +28,8 @@ from fineinstructions_core.llm.models import EMBEDDED_LLM, resolve_llm
 from fineinstructions_core.plan import run_stage
 from fineinstructions_core.shards import manifest_shard_keys
 
+pytestmark = pytest.mark.e2e
+
 CACHE = Path(os.environ["FI_MODEL_CACHE"])
 
 # The template bank is seeded through the real parser and validator, so the test does not depend on

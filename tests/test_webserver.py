@@ -32,7 +32,7 @@ from services import BIN, free_port, service, tail, wait_for
 
 from fineinstructions_assets.definitions import job_for
 from fineinstructions_assets.partitions import register_partitions
-from fineinstructions_assets.runs import execute_defined_job, process_tags
+from fineinstructions_assets.runs import cli_run_config, execute_defined_job, process_tags
 from fineinstructions_core.config import load_config
 
 LOCATION = "fineinstructions_assets.definitions"  # a python_module location is named after its module
@@ -125,24 +125,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = root / "dagster_home"
     home.mkdir()
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    saved = {k: os.environ.get(k) for k in ("DAGSTER_HOME", "FI_DATA_DIR", "FI_SCALE")}
-    os.environ["DAGSTER_HOME"] = str(home)
-    for k in ("FI_DATA_DIR", "FI_SCALE"):  # both would move or resize the project under test
-        os.environ.pop(k, None)
+    with pytest.MonkeyPatch.context() as env_patch:
+        env_patch.setenv("DAGSTER_HOME", str(home))
+        for k in ("FI_DATA_DIR", "FI_SCALE"):  # both would move or resize the project under test
+            env_patch.delenv(k, raising=False)
+        yield from _start(root)
+
+
+def _start(root: Path) -> Iterator[Stack]:
     config_path = make_tiny_project(root / "project")
     cfg = load_config(config_path)
-    with DagsterInstance.get() as instance:  # registered up front, so the sensor has nothing to launch
+    with DagsterInstance.get() as instance:  # registered up front: the partition sensor has nothing to launch
         register_partitions(cfg, instance)
         assert PARTITION in instance.get_dynamic_partitions("query_sources")
         # A run as `fineinstructions run` makes it (in this process, with the CLI's run config).
-        run_config = {
-            "resources": {"fi": {"config": {"config_path": str(config_path), "overrides": ""}}},
-            "execution": {"config": {"in_process": {}}},
-        }
+        run_config = cli_run_config(config_path)
         cli_run = execute_defined_job(instance, job_for(ASSETS), ASSETS, PARTITION, run_config, process_tags())
         assert cli_run.success
 
-    env = {**os.environ, "FI_CONFIG": str(config_path), "HF_HUB_OFFLINE": "1"}
+    # Automation off: the runs this module launches would otherwise start LLM stages behind them.
+    env = {**os.environ, "FI_CONFIG": str(config_path), "HF_HUB_OFFLINE": "1", "FI_AUTOMATION": "off"}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     web_log, daemon_log = root / "webserver.log", root / "daemon.log"
@@ -150,26 +152,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     def logs() -> str:
         return "\n".join(tail(p) for p in (web_log, daemon_log))
 
-    try:
-        with ExitStack() as services:
-            web_args = ["-w", "workspace.yaml", "--host", "127.0.0.1", "--port", str(port)]
-            web = services.enter_context(service([str(BIN / "dagster-webserver"), *web_args], env, web_log))
-            daemon = services.enter_context(
-                service([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, daemon_log)
-            )
-            wait_for(
-                "the webserver and its code location",
-                lambda: _location_loaded(url, [web, daemon], logs),
-                STARTUP_TIMEOUT_S,
-                logs,
-            )
-            yield Stack(url, port, config_path, daemon, logs, cli_run.run_id)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with ExitStack() as services:
+        web_args = ["-w", "workspace.yaml", "--host", "127.0.0.1", "--port", str(port)]
+        web = services.enter_context(service([str(BIN / "dagster-webserver"), *web_args], env, web_log))
+        daemon = services.enter_context(
+            service([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, daemon_log)
+        )
+        wait_for(
+            "the webserver and its code location",
+            lambda: _location_loaded(url, [web, daemon], logs),
+            STARTUP_TIMEOUT_S,
+            logs,
+        )
+        yield Stack(url, port, config_path, daemon, logs, cli_run.run_id)
 
 
 def _wait_for_run(s: Stack, run_id: str, status: list[DagsterRunStatus], client: DagsterGraphQLClient) -> None:
@@ -198,6 +193,8 @@ def test_partition_run_through_webserver_and_daemon(stack: Stack) -> None:
         assert groups.get(name) == "training", (name, groups)
 
     client = DagsterGraphQLClient("127.0.0.1", port_number=stack.port, timeout=60)
+    out = stack.config_path.parent / "data" / "lake" / "query_set" / f"{PARTITION}.parquet"
+    out.unlink()  # the CLI-style run wrote it: the UI-launched run must write it again
     run_id = client.submit_job_execution(
         "__ASSET_JOB",
         repository_location_name=LOCATION,
@@ -206,6 +203,8 @@ def test_partition_run_through_webserver_and_daemon(stack: Stack) -> None:
         asset_selection=ASSETS,
     )
     _wait_for_run(stack, run_id, [], client)
+    assert out.exists(), f"the run launched as the UI does wrote no {out}"
+    assert len(pd.read_parquet(out)) > 0, f"{out} has no rows"
 
     # The CLI's run, seen by the UI: its job and code location, and re-executable from there.
     seen = _graphql(url, RUN_QUERY, runId=stack.cli_run_id)["runOrError"]
@@ -222,10 +221,6 @@ def test_partition_run_through_webserver_and_daemon(stack: Stack) -> None:
         rerun = instance.get_run_by_id(rerun_id)
         assert rerun is not None and rerun.parent_run_id == stack.cli_run_id
         assert rerun.job_name == "query_source_job" and rerun.tags["dagster/partition"] == PARTITION
-
-    out = stack.config_path.parent / "data" / "lake" / "query_set" / f"{PARTITION}.parquet"
-    assert out.exists(), f"no lake file at {out}"
-    assert len(pd.read_parquet(out)) > 0, f"{out} has no rows"
 
 
 def test_the_ui_in_a_real_browser(stack: Stack) -> None:
@@ -260,6 +255,8 @@ def test_the_ui_in_a_real_browser(stack: Stack) -> None:
             for check in ("accounting", "ids_unique_not_null", "schema", "yield"):
                 expect(page.get_by_text(check, exact=True).first).to_be_visible()
             expect(page.get_by_text(PARTITION, exact=True).first).to_be_visible()
+            open_page("/assets/query_set", "query_set.png")
+            expect(page.get_by_text("an input changed").first).to_be_visible()  # its automation condition
             open_page("/assets/raw_queries", "raw_queries.png")
             expect(page.get_by_text("an input changed").first).to_be_hidden()  # a root: the sensor starts it
             # dagster/row_count and dagster/column_schema, shown as the UI's own row count and columns.
@@ -268,7 +265,10 @@ def test_the_ui_in_a_real_browser(stack: Stack) -> None:
             # One partition's materialization, launched by clicking.
             page.get_by_role("button", name="Materialize…").click()
             page.get_by_text("Select a partition or create one").click()
-            page.get_by_role("menuitem", name="wf").click()
+            page.get_by_placeholder("Filter partitions").fill("wf")
+            page.get_by_role("menuitem").filter(has_text="wf").last.click()
+            page.get_by_text("Launch runs to materialize raw_queries").click()  # closes the picker
+            expect(page.get_by_text("1 partition", exact=True)).to_be_visible()
             page.screenshot(path=str(SCREENSHOTS / "launch_dialog.png"))
             page.get_by_role("button", name="Launch 1 run").click()
         finally:
@@ -280,9 +280,9 @@ def test_the_ui_in_a_real_browser(stack: Stack) -> None:
             return [r.run_id for r in instance.get_runs() if r.run_id not in before]
 
         wait_for("the clicked run to be created", lambda: bool(launched()), 60.0, stack.logs)
-        (run_id,) = launched()
+        (run_id,) = launched()  # automation is off here: only the click launches
         run = instance.get_run_by_id(run_id)
-        assert run is not None and run.tags.get("dagster/partition") == "wf", run
+        assert run is not None and run.tags.get("dagster/partition") == "wf", run and run.tags
     client = DagsterGraphQLClient("127.0.0.1", port_number=stack.port, timeout=60)
     _wait_for_run(stack, run_id, [], client)
     out = stack.config_path.parent / "data" / "lake" / "raw_queries" / "wf.parquet"
