@@ -148,15 +148,13 @@ def wait_for_pools(
 
 def cli_run_config(config_path: str | Path, overrides: str = "", log_level: str = "INFO") -> dict[str, Any]:
     """The run config of a CLI run, which a re-execution from the UI reuses: the config file and its
-    `--set` overrides as the `fi` resource's config, and, with the default executor, every step in
-    this process."""
-    run_config: dict[str, Any] = {
+    `--set` overrides as the `fi` resource's config, and every step in this process (the CLI refuses
+    to run under another executor)."""
+    return {
         "resources": {"fi": {"config": {"config_path": str(config_path), "overrides": overrides}}},
         "loggers": {"console": {"config": {"log_level": log_level}}},
+        "execution": {"config": {"in_process": {}}},
     }
-    if not os.environ.get("FI_EXECUTOR"):
-        run_config["execution"] = {"config": {"in_process": {}}}
-    return run_config
 
 
 def execute_defined_job(

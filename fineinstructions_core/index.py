@@ -515,20 +515,31 @@ def _read_only(index, path: Path) -> None:
             setattr(index, name, refuse)
 
 
-def mapped_kib(path: Path) -> int:
-    """Resident KiB of this process's mappings of `path` (Linux; 0 elsewhere), from /proc/self/smaps."""
-    target, total, inside = str(Path(path).resolve()), 0, False
+def _file_mappings(path: Path) -> list[tuple[int, int, str, int]]:
+    """This process's mappings of `path`: (start, end, permissions, resident KiB), from /proc/self/smaps
+    (Linux; empty elsewhere)."""
+    target, found = str(Path(path).resolve()), []
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
-        return 0
+        return []
+    current: list | None = None
     for line in lines:
         head = line.split(maxsplit=5)
-        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
-            inside = len(head) == 6 and head[5] == target
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+            current = None
+            if len(head) == 6 and head[5] == target:
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                current = [start, end, head[1], 0]
+                found.append(current)
+        elif current is not None and line.startswith("Rss:"):
+            current[3] = int(line.split()[1])
+    return [tuple(m) for m in found]
+
+
+def mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (Linux; 0 elsewhere)."""
+    return sum(rss for _, _, _, rss in _file_mappings(path))
 
 
 def _unmap_read_pages(path: Path) -> None:
@@ -537,25 +548,21 @@ def _unmap_read_pages(path: Path) -> None:
     Why: FAISS copies the parts it cannot map in place (the IVF fast-scan lists) out of the mapping, so
     those pages would count twice in the process's memory for as long as it lives, once mapped, once
     copied: about 1 GB at 18M templates. The data stays in the page cache, so what search reads later
-    (the re-ranking codes) is mapped again on first touch. Linux only; elsewhere a no-op."""
+    (the re-ranking codes) is mapped again on first touch. Other live indexes of the same file in this
+    process lose their resident pages too, which costs them only those re-faults. Linux only."""
     import ctypes
-    import sys
 
-    if not sys.platform.startswith("linux"):
+    mappings = [(start, end) for start, end, perms, _ in _file_mappings(path) if "w" not in perms]
+    if not mappings:
         return
-    target = str(Path(path).resolve())
     try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return
     madv_dontneed = 4
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == target and "w" not in fields[1]:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), madv_dontneed) != 0:
-                log.debug("template index %s: madvise failed (errno %d)", path, ctypes.get_errno())
+    for start, end in mappings:
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), madv_dontneed) != 0:
+            log.debug("template index %s: madvise failed (errno %d)", path, ctypes.get_errno())
 
 
 def load_index(

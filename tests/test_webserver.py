@@ -167,20 +167,22 @@ def _start(root: Path) -> Iterator[Stack]:
         yield Stack(url, port, config_path, daemon, logs, cli_run.run_id)
 
 
-def _wait_for_run(s: Stack, run_id: str, status: list[DagsterRunStatus], client: DagsterGraphQLClient) -> None:
+def _wait_for_run(stack: Stack, run_id: str, client: DagsterGraphQLClient) -> None:
+    status: list[DagsterRunStatus] = []
+
     def finished() -> bool:
         status.append(client.get_run_status(run_id))
         if status[-1] in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
-            pytest.fail(f"run {run_id} ended {status[-1].value}\n{s.logs()}")
-        if s.daemon.poll() is not None:
-            pytest.fail(f"dagster-daemon exited with code {s.daemon.returncode}\n{s.logs()}")
+            pytest.fail(f"run {run_id} ended {status[-1].value}\n{stack.logs()}")
+        if stack.daemon.poll() is not None:
+            pytest.fail(f"dagster-daemon exited with code {stack.daemon.returncode}\n{stack.logs()}")
         return status[-1] == DagsterRunStatus.SUCCESS
 
     wait_for(
         f"run {run_id} to succeed",
         finished,
         RUN_TIMEOUT_S,
-        lambda: f"last status: {status[-1].value if status else None}\n{s.logs()}",
+        lambda: f"last status: {status[-1].value if status else None}\n{stack.logs()}",
     )
 
 
@@ -202,7 +204,7 @@ def test_partition_run_through_webserver_and_daemon(stack: Stack) -> None:
         tags={"dagster/partition": PARTITION},
         asset_selection=ASSETS,
     )
-    _wait_for_run(stack, run_id, [], client)
+    _wait_for_run(stack, run_id, client)
     assert out.exists(), f"the run launched as the UI does wrote no {out}"
     assert len(pd.read_parquet(out)) > 0, f"{out} has no rows"
 
@@ -216,7 +218,7 @@ def test_partition_run_through_webserver_and_daemon(stack: Stack) -> None:
     launched = _graphql(url, REEXECUTE, parentRunId=stack.cli_run_id)["launchRunReexecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     rerun_id = launched["run"]["runId"]
-    _wait_for_run(stack, rerun_id, [], client)
+    _wait_for_run(stack, rerun_id, client)
     with DagsterInstance.get() as instance:
         rerun = instance.get_run_by_id(rerun_id)
         assert rerun is not None and rerun.parent_run_id == stack.cli_run_id
@@ -284,6 +286,6 @@ def test_the_ui_in_a_real_browser(stack: Stack) -> None:
         run = instance.get_run_by_id(run_id)
         assert run is not None and run.tags.get("dagster/partition") == "wf", run and run.tags
     client = DagsterGraphQLClient("127.0.0.1", port_number=stack.port, timeout=60)
-    _wait_for_run(stack, run_id, [], client)
+    _wait_for_run(stack, run_id, client)
     out = stack.config_path.parent / "data" / "lake" / "raw_queries" / "wf.parquet"
     assert out.exists() and len(pd.read_parquet(out)) > 0
