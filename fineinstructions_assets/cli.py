@@ -107,19 +107,19 @@ def _blocked(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fineinstructions_core.preflight import preflight
-
-    from .definitions import job_for
-    from .partitions import active_partitions, register_partitions
-    from .runs import PoolTimeout, cli_run_config, execute_defined_job, process_tags, reap_dead_runs, wait_for_pools
-
-    if os.environ.get("FI_EXECUTOR"):
+    if os.environ.get("FI_EXECUTOR"):  # before the code location loads with that executor
         print(
             f"error: FI_EXECUTOR={os.environ['FI_EXECUTOR']} is set: `fineinstructions run` executes runs in this "
             "process; launch them from the UI or with `dagster job launch` on that deployment",
             file=sys.stderr,
         )
         return 2
+    from fineinstructions_core.preflight import preflight
+
+    from .definitions import job_for
+    from .partitions import active_partitions, register_partitions
+    from .runs import PoolTimeout, cli_run_config, execute_defined_job, process_tags, reap_dead_runs, wait_for_pools
+
     overrides = _overrides(args.set)
     cfg = load_config(args.config, overrides)
     problems = preflight(cfg, include_distillation=args.distillation)

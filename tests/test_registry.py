@@ -323,3 +323,11 @@ def test_the_step_executor_comes_from_the_environment_with_clear_errors(tmp_path
     else:
         shipped = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "run_config_k8s_job_executor.yaml"
         assert executor_from_env({"FI_EXECUTOR": "k8s", "FI_EXECUTOR_CONFIG": str(shipped)}) is not None
+
+
+def test_the_cli_refuses_to_run_under_another_step_executor(monkeypatch: pytest.MonkeyPatch, capsys):
+    from fineinstructions_assets.cli import main
+
+    monkeypatch.setenv("FI_EXECUTOR", "k8s")
+    assert main(["run"]) == 2
+    assert "FI_EXECUTOR=k8s is set: `fineinstructions run` executes runs in this process" in capsys.readouterr().err
