@@ -8,7 +8,6 @@ corpora and query sources with their licenses. `datasets.load_dataset(folder)` l
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from .config import Config
-from .io.files import honour_umask
+from .io.files import replace_dir
 
 LINEAGE = ("pair_id", "match_id", "document_id", "template_id", "corpus")
 DATA_FILE = "data/train-00000-of-00001.parquet"
@@ -123,12 +122,7 @@ def write_sft_dataset(corpus: pd.DataFrame, target: Path, card: str) -> Path:
         (tmp / "data").mkdir()
         sft_rows(corpus).to_parquet(tmp / DATA_FILE, index=False)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        honour_umask(tmp, directory=True)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

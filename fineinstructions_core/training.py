@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .embed import gaussian_weights
-from .io.files import honour_umask
+from .io.files import replace_dir
 
 log = logging.getLogger(__name__)
 Logger = Callable[[str], None]
@@ -70,10 +70,7 @@ def save_model_dir(model: Any, tokenizer: Any, target: Path, extra_files: Sequen
         for f in extra_files:
             if f.exists():
                 shutil.copy(f, tmp / f.name)
-        if target.exists():
-            shutil.rmtree(target)
-        honour_umask(tmp, directory=True)  # mkdtemp made it 0700
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -209,3 +209,46 @@ def test_index_manifest_and_model_folders_get_the_umask_mode(tiny_project, tmp_p
     finally:
         os.umask(old)
     assert modes == {"debian.json": 0o664, "index.faiss": 0o664, "model": 0o775}
+
+
+def test_a_replaced_model_folder_is_always_whole_for_a_reader_in_another_process(tmp_path):
+    """Two runs on one data directory: one rewrites trained_model while the other loads it."""
+    from fineinstructions_core.training import save_model_dir
+
+    class Saves:
+        def __init__(self, generation: int):
+            self.generation = generation
+
+        def save_pretrained(self, folder):
+            for name in ("config.json", "tokenizer.json", "model.safetensors"):
+                (Path(folder) / name).write_text(str(self.generation) * 20_000)
+
+    target = tmp_path / "trained_model" / "model"
+    save_model_dir(Saves(0), Saves(0), target)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            target, misses, reads = Path({str(target)!r}), 0, 0
+            end = time.monotonic() + 4
+            while time.monotonic() < end:
+                for name in ("config.json", "tokenizer.json", "model.safetensors"):
+                    try:
+                        (target / name).read_bytes()
+                        reads += 1
+                    except OSError:
+                        misses += 1
+            print(reads, misses)
+        """)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    generation = 0
+    while reader.poll() is None:
+        generation += 1
+        save_model_dir(Saves(generation), Saves(generation), target)
+    reads, misses = map(int, reader.communicate()[0].split())
+    assert generation > 10 and reads > 100
+    assert misses == 0
+    assert (target / "config.json").read_text()[:1] == str(generation)[:1]
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # no old copy or temporary folder left
