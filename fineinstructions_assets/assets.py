@@ -6,6 +6,9 @@ the blocking ones (ids, schema, accounting) fail the step and stop downstream wo
 names a stage: the graph, partitions, pools and contracts all come from `fineinstructions_core.registry`.
 """
 
+import os
+import socket
+import sys
 import warnings
 from typing import Any
 
@@ -136,6 +139,7 @@ def _report(
         "lake_path": MetadataValue.path(str(cfg.lake_dir / name / f"{result.partition}.parquet")),
         "signature": acc.extra.get("signature", ""),
         "seconds": acc.extra.get("seconds", 0.0),
+        "executed_by": executed_by(),
     }
     if result.llm:
         metadata["llm"] = MetadataValue.json(result.llm)
@@ -152,6 +156,20 @@ def _report(
         metadata["similarity_histogram"] = MetadataValue.md(svg_markdown(bars_svg(bins), alt="similarity"))
     context.log.info(f"{name}[{result.partition}]: {funnel}")
     return MaterializeResult(metadata=metadata, check_results=_checks(name, result, registry))
+
+
+def executed_by() -> str:
+    """The process that ran the step, shown in its materialization so a distributed run tells which worker
+    did what: the Dask worker's name when a Dask worker runs it (`distributed` is then already loaded),
+    and always host and pid."""
+    where = f"{socket.gethostname()} pid {os.getpid()}"
+    distributed = sys.modules.get("distributed")
+    if distributed is not None:
+        try:
+            return f"dask worker {distributed.get_worker().name} on {where}"
+        except ValueError:  # loaded, but this is not a Dask worker's task
+            pass
+    return where
 
 
 def _table(counts: dict[str, int], key: str, value: str) -> MetadataValue:

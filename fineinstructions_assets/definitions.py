@@ -57,7 +57,10 @@ def job_for(selection: Sequence[str], registry: Registry = REGISTRY) -> str:
 # FI_EXECUTOR names a step executor of an installed Dagster integration (the default: steps in the run's
 # process tree); FI_EXECUTOR_CONFIG, a YAML file whose `execution.config` configures it, so that runs
 # started by sensors, automation and backfills get the same settings as a launch with that run config.
-EXECUTORS = {"k8s": ("dagster_k8s", "k8s_job_executor")}
+EXECUTORS = {  # name: (module, attribute, the package it needs)
+    "k8s": ("dagster_k8s", "k8s_job_executor", "dagster-k8s"),
+    "dask": ("fineinstructions_assets.dask_executor", "dask_executor", "distributed"),
+}
 
 
 def executor_from_env(env: dict[str, str] | None = None) -> ExecutorDefinition | None:
@@ -70,11 +73,11 @@ def executor_from_env(env: dict[str, str] | None = None) -> ExecutorDefinition |
         raise ValueError(f"FI_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)} (unset: the default executor)")
     path = env.get("FI_EXECUTOR_CONFIG", "").strip()
     config = _executor_config(path) if path else None
-    module, attr = EXECUTORS[name]
+    module, attr, package = EXECUTORS[name]
     try:
         executor = getattr(importlib.import_module(module), attr)
     except ImportError as exc:
-        raise ImportError(f"FI_EXECUTOR={name} needs the package {module.replace('_', '-')}: {exc}") from exc
+        raise ImportError(f"FI_EXECUTOR={name} needs the package {package}: {exc}") from exc
     return executor if config is None else executor.configured(config)
 
 

@@ -34,8 +34,9 @@ def _interval_s() -> int:
 
 
 SENSOR_INTERVAL_S = _interval_s()
-# FI_AUTOMATION=off: the automation sensors start stopped on a new instance (for instance while
-# `fineinstructions run` does the work, which a running automation sensor would otherwise repeat).
+# FI_AUTOMATION=off: the sensors that launch runs (partition registration and automation) start stopped on
+# a new instance, for instance while `fineinstructions run` or a user launching backfills does the work,
+# which a running sensor would otherwise repeat.
 AUTOMATION_DEFAULT = (
     DefaultSensorStatus.STOPPED
     if os.environ.get("FI_AUTOMATION", "on").lower() == "off"
@@ -51,7 +52,7 @@ def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
     @sensor(
         name="partition_registration_sensor",
         minimum_interval_seconds=SENSOR_INTERVAL_S,
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=AUTOMATION_DEFAULT,
         asset_selection=targets,
         description="Registers query sources and corpus shards from the config and runs each new one's chain.",
     )

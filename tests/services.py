@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -69,3 +71,44 @@ def wait_for(what: str, ready: Callable[[], bool], timeout_s: float, logs: Calla
             return
         time.sleep(1.0)
     pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}\n{logs()}")
+
+
+LOCATION = "fineinstructions_assets.definitions"  # a python_module location is named after its module
+LOCATION_QUERY = """
+query {
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries { name loadStatus locationOrLoadError { __typename } }
+    }
+  }
+}
+"""
+
+
+def graphql(url: str, query: str, **variables: Any) -> dict[str, Any]:
+    body = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=60).json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+def location_loaded(url: str, procs: list[subprocess.Popen[bytes]], logs: Callable[[], str]) -> bool:
+    """The webserver answers and has loaded the project's code location (a load error fails the test)."""
+    for p in procs:
+        if p.poll() is not None:
+            pytest.fail(f"{p.args[0]} exited early with code {p.returncode}\n{logs()}")
+    try:
+        if requests.get(f"{url}/server_info", timeout=5).status_code != 200:
+            return False
+        reply = requests.post(f"{url}/graphql", json={"query": LOCATION_QUERY}, timeout=10)
+        body: dict[str, Any] = reply.json()
+    except (requests.RequestException, ValueError):
+        return False
+    entries = ((body.get("data") or {}).get("workspaceOrError") or {}).get("locationEntries") or []
+    for e in entries:
+        if e["name"] == LOCATION and e["loadStatus"] == "LOADED":
+            kind = e["locationOrLoadError"]["__typename"]
+            if kind != "RepositoryLocation":
+                pytest.fail(f"code location failed to load ({kind})\n{logs()}")
+            return True
+    return False

@@ -304,7 +304,7 @@ def test_the_step_executor_comes_from_the_environment_with_clear_errors(tmp_path
     from fineinstructions_assets.definitions import executor_from_env
 
     assert executor_from_env({}) is None  # Dagster's default executor
-    with pytest.raises(ValueError, match="FI_EXECUTOR='spark' is not one of k8s"):
+    with pytest.raises(ValueError, match="FI_EXECUTOR='spark' is not one of k8s, dask"):
         executor_from_env({"FI_EXECUTOR": "spark"})
     # The settings file is checked before the integration is imported, installed or not.
     for text in ("execution: 3\n", "- a\n- list\n", "execution:\n  config: [1]\n"):
@@ -323,6 +323,10 @@ def test_the_step_executor_comes_from_the_environment_with_clear_errors(tmp_path
     else:
         shipped = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "run_config_k8s_job_executor.yaml"
         assert executor_from_env({"FI_EXECUTOR": "k8s", "FI_EXECUTOR_CONFIG": str(shipped)}) is not None
+    # The local deployment's executor (distributed is a dev dependency), configured from its shipped file.
+    shipped = Path(__file__).resolve().parent.parent / "deploy" / "local" / "dask_executor.yaml"
+    dask = executor_from_env({"FI_EXECUTOR": "dask", "FI_EXECUTOR_CONFIG": str(shipped)})
+    assert dask is not None and dask.name == "dask"
 
 
 def test_the_cli_refuses_to_run_under_another_step_executor(monkeypatch: pytest.MonkeyPatch, capsys):

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
@@ -28,14 +27,13 @@ import requests
 from conftest import ROOT, make_tiny_project
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
-from services import BIN, free_port, service, tail, wait_for
+from services import BIN, LOCATION, free_port, graphql, location_loaded, service, tail, wait_for
 
 from fineinstructions_assets.definitions import job_for
 from fineinstructions_assets.partitions import register_partitions
 from fineinstructions_assets.runs import cli_run_config, execute_defined_job, process_tags
 from fineinstructions_core.config import load_config
 
-LOCATION = "fineinstructions_assets.definitions"  # a python_module location is named after its module
 PARTITION = "nq"
 ASSETS = ["raw_queries", "query_set"]
 STARTUP_TIMEOUT_S = 180.0
@@ -45,18 +43,6 @@ SCREENSHOTS = ROOT / "test-artifacts" / "ui"
 
 # Raised inside gql by DagsterGraphQLClient itself; nothing this test can change.
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:Using variable_values:DeprecationWarning")]
-
-LOCATION_QUERY = """
-query {
-  workspaceOrError {
-    __typename
-    ... on Workspace {
-      locationEntries { name loadStatus locationOrLoadError { __typename } }
-    }
-  }
-}
-"""
-
 
 ASSET_NODES_QUERY = "query { assetNodes { assetKey { path } groupName } }"
 
@@ -79,33 +65,6 @@ mutation($parentRunId: String!) {
   }
 }
 """
-
-
-def _graphql(url: str, query: str, **variables: Any) -> dict[str, Any]:
-    body = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=60).json()
-    assert "errors" not in body, body
-    return body["data"]
-
-
-def _location_loaded(url: str, procs: list[subprocess.Popen[bytes]], logs: Callable[[], str]) -> bool:
-    for p in procs:
-        if p.poll() is not None:
-            pytest.fail(f"{p.args[0]} exited early with code {p.returncode}\n{logs()}")
-    try:
-        if requests.get(f"{url}/server_info", timeout=5).status_code != 200:
-            return False
-        reply = requests.post(f"{url}/graphql", json={"query": LOCATION_QUERY}, timeout=10)
-        body: dict[str, Any] = reply.json()
-    except (requests.RequestException, ValueError):
-        return False
-    entries = ((body.get("data") or {}).get("workspaceOrError") or {}).get("locationEntries") or []
-    for e in entries:
-        if e["name"] == LOCATION and e["loadStatus"] == "LOADED":
-            kind = e["locationOrLoadError"]["__typename"]
-            if kind != "RepositoryLocation":
-                pytest.fail(f"code location failed to load ({kind})\n{logs()}")
-            return True
-    return False
 
 
 @dataclass
@@ -160,7 +119,7 @@ def _start(root: Path) -> Iterator[Stack]:
         )
         wait_for(
             "the webserver and its code location",
-            lambda: _location_loaded(url, [web, daemon], logs),
+            lambda: location_loaded(url, [web, daemon], logs),
             STARTUP_TIMEOUT_S,
             logs,
         )
@@ -209,13 +168,13 @@ def test_partition_run_through_webserver_and_daemon(stack: Stack) -> None:
     assert len(pd.read_parquet(out)) > 0, f"{out} has no rows"
 
     # The CLI's run, seen by the UI: its job and code location, and re-executable from there.
-    seen = _graphql(url, RUN_QUERY, runId=stack.cli_run_id)["runOrError"]
+    seen = graphql(url, RUN_QUERY, runId=stack.cli_run_id)["runOrError"]
     assert seen["pipelineName"] == "query_source_job", seen
     assert seen["repositoryOrigin"] == {
         "repositoryName": "__repository__",
         "repositoryLocationName": LOCATION,
     }, seen
-    launched = _graphql(url, REEXECUTE, parentRunId=stack.cli_run_id)["launchRunReexecution"]
+    launched = graphql(url, REEXECUTE, parentRunId=stack.cli_run_id)["launchRunReexecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     rerun_id = launched["run"]["runId"]
     _wait_for_run(stack, rerun_id, client)
