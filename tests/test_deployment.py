@@ -35,7 +35,7 @@ from fineinstructions_assets.runs import cli_run_config, execute_defined_job, pr
 from fineinstructions_core.config import load_config
 from fineinstructions_core.registry import REGISTRY, Partitioning
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
 UP, DOWN = ROOT / "deploy" / "local" / "up.sh", ROOT / "deploy" / "local" / "down.sh"
 SHARD_CHAIN = REGISTRY.partitioned_by(Partitioning.CORPUS_SHARD)
@@ -246,5 +246,6 @@ def test_a_backfill_of_every_shard_on_two_dask_workers_survives_a_killed_worker(
     record(
         "a Dask worker SIGKILLed while generating instruction pairs, in a GraphQL backfill of every shard",
         f"{outcome} on the surviving worker; every shard materialized, accounting balanced, no cached "
-        f"answer regenerated; steps by worker: {_by_worker(where)}",
+        "answer regenerated; steps ran on both workers (each materialization names its worker)",
     )
+    print(f"steps by worker: {_by_worker(where)}")
