@@ -7,6 +7,7 @@ names a stage: the graph, partitions, pools and contracts all come from `fineins
 """
 
 import os
+import re
 import socket
 import sys
 import warnings
@@ -216,6 +217,7 @@ def stage_asset(spec: StageSpec, registry: Registry = REGISTRY) -> AssetsDefinit
         kinds={"parquet", "python"},
         code_version=code_version(spec),
         tags=_tags(spec),
+        owners=asset_owners(),
         automation_condition=automation_condition(spec),
     )
     def _asset(context: AssetExecutionContext, fi: FineInstructionsResource) -> MaterializeResult:
@@ -262,6 +264,18 @@ def _tags(spec: StageSpec) -> dict[str, str]:
     if spec.pool:
         tags["pool"] = spec.pool
     return tags
+
+
+def asset_owners(env: dict[str, str] | None = None) -> list[str]:
+    """Who owns the assets, as the UI shows and filters by: FI_OWNERS, comma-separated e-mail addresses
+    or `team:<name>`s, set where the code location runs (none by default)."""
+    raw = (os.environ if env is None else env).get("FI_OWNERS", "")
+    owners = [o.strip() for o in raw.split(",") if o.strip()]
+    for owner in owners:
+        team = owner.startswith("team:") and len(owner) > len("team:")
+        if not team and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", owner):
+            raise ValueError(f"FI_OWNERS: {owner!r} is neither an e-mail address nor team:<name>")
+    return owners
 
 
 def build_assets(registry: Registry = REGISTRY) -> list[AssetsDefinition]:

@@ -54,7 +54,8 @@ def execute_step_on_worker(packed_args: str, packed_job: str) -> list[str]:
     serialized, to the run's orchestrator."""
     args = deserialize_value(packed_args, ExecuteStepArgs)
     job = ReconstructableJob.from_dict(json.loads(packed_job))
-    assert args.instance_ref is not None
+    if args.instance_ref is None:
+        raise ValueError(f"step {args.step_keys_to_execute} of run {args.run_id} came without its instance")
     with DagsterInstance.from_ref(args.instance_ref) as instance:
         run = instance.get_run_by_id(args.run_id)
         if run is None:

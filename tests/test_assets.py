@@ -1,6 +1,7 @@
 """Assets through `dagster.materialize`: metadata, checks, the sensor, and blocking checks that fail."""
 
 import pandas as pd
+import pytest
 import yaml
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, build_sensor_context, materialize
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
@@ -62,6 +63,16 @@ def test_assets_carry_code_versions_and_tags_from_the_registry():
         assert tags["partitioning"] == spec.partitioning.value
         assert tags["run"] == ("default" if spec.default_run else "on_request")
     assert by_key["genericizer_model"].specs_by_key[AssetKey("genericizer_model")].tags["run"] == "on_request"
+
+
+def test_asset_owners_come_from_fi_owners_and_are_checked():
+    from fineinstructions_assets.assets import asset_owners
+
+    assert asset_owners({}) == []
+    assert asset_owners({"FI_OWNERS": "team:data, ana@example.org"}) == ["team:data", "ana@example.org"]
+    for bad in ("data team", "team:", "ana@"):
+        with pytest.raises(ValueError, match="FI_OWNERS: .* is neither an e-mail address nor team:<name>"):
+            asset_owners({"FI_OWNERS": bad})
 
 
 def test_materialize_query_stages_with_checks(tiny_project, dagster_home):
