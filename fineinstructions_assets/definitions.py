@@ -4,55 +4,17 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-from dagster import AssetSelection, Definitions, ExecutorDefinition, define_asset_job
+from dagster import Definitions, ExecutorDefinition
 
-from fineinstructions_core.registry import REGISTRY, Partitioning, Registry
+from fineinstructions_core.registry import REGISTRY, Registry
 
 from .assets import build_assets
+from .jobs import build_jobs, job_for
 from .resources import FineInstructionsResource
 from .sensors import build_automation_sensors, build_partition_sensor
-
-# One job per (partitioning, default run): every run the CLI makes is a run of one of these, so the UI can
-# re-execute it and its timeline shows it; the distillation loop has a job of its own, never run by default.
-_JOBS: dict[tuple[Partitioning, bool], tuple[str, str]] = {
-    (Partitioning.QUERY_SOURCE, True): ("query_source_job", "One query source: read, filter, genericize."),
-    (Partitioning.CORPUS_SHARD, True): (
-        "corpus_shard_job",
-        "One corpus shard: read, embed, match, instantiate, judge.",
-    ),
-    (Partitioning.NONE, True): (
-        "index_and_training_job",
-        "The stages that read every partition: the template index, the training corpus, the models trained "
-        "on it and their comparison.",
-    ),
-    (Partitioning.NONE, False): (
-        "distillation_job",
-        "On request only: silver examples from the embedded models and the small students trained on them.",
-    ),
-}
-
-
-def build_jobs(registry: Registry = REGISTRY) -> list:
-    """The registry's stages split by partition set and default run, one asset job each."""
-    jobs = []
-    for (partitioning, default_run), (name, description) in _JOBS.items():
-        stages = registry.partitioned_by(partitioning, default_run=default_run)
-        if stages:
-            jobs.append(define_asset_job(name, AssetSelection.assets(*stages), description=description))
-    return jobs
-
-
-def job_for(selection: Sequence[str], registry: Registry = REGISTRY) -> str:
-    """The defined job that holds every stage of a planned run (the plan never mixes partition sets)."""
-    kinds = {(registry[s].partitioning, registry[s].default_run) for s in selection}
-    if len(kinds) != 1 or next(iter(kinds)) not in _JOBS:
-        raise ValueError(f"no single job holds the stages {list(selection)}: they span {sorted(map(str, kinds))}")
-    return _JOBS[next(iter(kinds))][0]
-
 
 # FI_EXECUTOR names a step executor of an installed Dagster integration (the default: steps in the run's
 # process tree); FI_EXECUTOR_CONFIG, a YAML file whose `execution.config` configures it, so that runs
@@ -94,13 +56,16 @@ def _executor_config(path: str) -> dict:
 
 
 def build_definitions(registry: Registry = REGISTRY) -> Definitions:
+    jobs = build_jobs(registry)
     return Definitions(
         assets=build_assets(registry),
-        jobs=build_jobs(registry),
-        sensors=[build_partition_sensor(registry), *build_automation_sensors(registry)],
+        jobs=jobs,
+        sensors=[build_partition_sensor(registry, jobs), *build_automation_sensors(registry)],
         resources={"fi": FineInstructionsResource()},
         executor=executor_from_env(),
     )
 
 
 defs = build_definitions()
+
+__all__ = ["build_definitions", "defs", "executor_from_env", "job_for"]

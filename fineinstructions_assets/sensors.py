@@ -6,6 +6,8 @@ user turns it on."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from dagster import (
     AssetKey,
@@ -21,8 +23,12 @@ from dagster import (
 from fineinstructions_core.config import ConfigError
 from fineinstructions_core.registry import REGISTRY, Registry
 
+from .jobs import build_jobs, chain_job
 from .partitions import PARTITIONS, desired_partitions
 from .resources import FineInstructionsResource
+
+if TYPE_CHECKING:  # the type define_asset_job returns, not exported by dagster
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 
 def _interval_s() -> int:
@@ -44,16 +50,19 @@ AUTOMATION_DEFAULT = (
 )
 
 
-def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
-    """A sensor whose targets are the registry's partitioned stages of the default run."""
-    chains = [(pdef, registry.partitioned_by(p)) for p, pdef in PARTITIONS.items()]
-    targets = [AssetKey(a) for _, chain in chains for a in chain]
+def build_partition_sensor(
+    registry: Registry = REGISTRY, jobs: Sequence[UnresolvedAssetJobDefinition] | None = None
+) -> SensorDefinition:
+    """A sensor that launches each new partition's chain as a run of its defined job (`query_source_job`,
+    `corpus_shard_job`): `jobs` are the code location's own job objects (built here when not given)."""
+    by_name = {j.name: j for j in (build_jobs(registry) if jobs is None else jobs)}
+    chains = [(pdef, chain_job(p)) for p, pdef in PARTITIONS.items() if registry.partitioned_by(p)]
 
     @sensor(
         name="partition_registration_sensor",
         minimum_interval_seconds=SENSOR_INTERVAL_S,
         default_status=AUTOMATION_DEFAULT,
-        asset_selection=targets,
+        jobs=[by_name[name] for _, name in chains],
         description="Registers query sources and corpus shards from the config and runs each new one's chain.",
     )
     def partition_registration_sensor(context: SensorEvaluationContext, fi: FineInstructionsResource) -> SensorResult:
@@ -62,17 +71,12 @@ def build_partition_sensor(registry: Registry = REGISTRY) -> SensorDefinition:
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             return SensorResult(skip_reason=f"config problem: {exc}")
         requests, adds = [], []
-        for pdef, chain in chains:
+        for pdef, job_name in chains:
             have = set(context.instance.get_dynamic_partitions(pdef.name))
             new = [k for k in wanted[pdef.name] if k not in have]
             if new:
                 adds.append(pdef.build_add_request(new))
-                requests += [
-                    RunRequest(
-                        run_key=f"{pdef.name}:{k}", partition_key=k, asset_selection=[AssetKey(a) for a in chain]
-                    )
-                    for k in new
-                ]
+                requests += [RunRequest(run_key=f"{pdef.name}:{k}", partition_key=k, job_name=job_name) for k in new]
         if not adds:
             return SensorResult(skip_reason="no new query source or corpus shard")
         return SensorResult(run_requests=requests, dynamic_partitions_requests=adds)

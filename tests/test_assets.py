@@ -147,6 +147,10 @@ def test_sensor_registers_partitions_and_requests_runs(tiny_project, dagster_hom
     result = partition_registration_sensor(ctx)
     keys = sorted(r.partition_key for r in result.run_requests)
     assert keys == ["books-00000", "debian-00000", "nq", "wf"]
+    jobs = {r.partition_key: r.job_name for r in result.run_requests}  # runs of the defined jobs
+    assert jobs == {"nq": "query_source_job", "wf": "query_source_job"} | {
+        k: "corpus_shard_job" for k in ("books-00000", "debian-00000")
+    }
     assert len(result.dynamic_partitions_requests) == 2
 
 
