@@ -157,6 +157,20 @@ def cli_run_config(config_path: str | Path, overrides: str = "", log_level: str 
     }
 
 
+def remote_job_origin(job_name: str, env: Mapping[str, str] | None = None) -> RemoteJobOrigin:
+    """The origin a UI launch of `job_name` has: the code location is named after the module, as
+    workspace.yaml names it, or FI_LOCATION_NAME where a workspace gives it another `location_name`."""
+    location = ((os.environ if env is None else env).get("FI_LOCATION_NAME") or "").strip() or CODE_LOCATION
+    target = LoadableTargetOrigin(
+        executable_path=sys.executable,
+        module_name=CODE_LOCATION,
+        working_directory=WORKING_DIRECTORY,
+    )
+    return RemoteJobOrigin(
+        RemoteRepositoryOrigin(ManagedGrpcPythonEnvCodeLocationOrigin(target, location), REPOSITORY), job_name
+    )
+
+
 def execute_defined_job(
     instance: DagsterInstance,
     job_name: str,
@@ -169,21 +183,13 @@ def execute_defined_job(
     a normal run of the instance: UI-launched runs carry the same origin, so the UI treats both alike."""
     repo = ReconstructableRepository.for_module(CODE_LOCATION, DEFINITIONS_ATTRIBUTE, WORKING_DIRECTORY)
     job = repo.get_reconstructable_job(job_name)
-    target = LoadableTargetOrigin(
-        executable_path=sys.executable,
-        module_name=CODE_LOCATION,
-        working_directory=WORKING_DIRECTORY,
-    )
-    origin = RemoteJobOrigin(
-        RemoteRepositoryOrigin(ManagedGrpcPythonEnvCodeLocationOrigin(target, CODE_LOCATION), REPOSITORY), job_name
-    )
     run_tags = {**tags, **({"dagster/partition": partition} if partition else {})}
     run = instance.create_run_for_job(
         job_def=job.get_definition(),
         run_config=run_config,
         tags=run_tags,
         asset_selection=frozenset(AssetKey(a) for a in selection),
-        remote_job_origin=origin,
+        remote_job_origin=remote_job_origin(job_name),
         job_code_origin=job.get_python_origin(),
     )
     return execute_run(job, run, instance, raise_on_error=False)

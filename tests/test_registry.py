@@ -335,3 +335,14 @@ def test_the_cli_refuses_to_run_under_another_step_executor(monkeypatch: pytest.
     monkeypatch.setenv("FI_EXECUTOR", "k8s")
     assert main(["run"]) == 2
     assert "FI_EXECUTOR=k8s is set: `fineinstructions run` executes runs in this process" in capsys.readouterr().err
+
+
+def test_cli_runs_name_the_code_location_as_the_workspace_does():
+    from fineinstructions_assets.runs import CODE_LOCATION, remote_job_origin
+
+    def location(env: dict[str, str]) -> str:
+        return remote_job_origin("corpus_shard_job", env).repository_origin.code_location_origin.location_name
+
+    assert location({}) == CODE_LOCATION == "fineinstructions_assets.definitions"  # workspace.yaml's module
+    assert location({"FI_LOCATION_NAME": "fineinstructions"}) == "fineinstructions"  # a workspace's location_name
+    assert remote_job_origin("corpus_shard_job", {}).job_name == "corpus_shard_job"
