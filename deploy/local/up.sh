@@ -17,7 +17,9 @@ WORKERS=${FI_WORKERS:-2}
 CONFIG=$(realpath "${FI_CONFIG:-$ROOT/fineinstructions.yaml}")
 PY="$VENV/bin/python"
 
-die() { echo "up.sh: $*" >&2; exit 1; }
+STARTED=""
+# On a failure, stop what was started already (PostgreSQL, services) before exiting.
+die() { echo "up.sh: $*" >&2; [ -n "$STARTED" ] && "$HERE/down.sh" "$STATE" >&2; exit 1; }
 [ -x "$PY" ] || die "no Python environment at $VENV (run 'make install' first, or set VENV)"
 "$PY" -c "import dagster_postgres, distributed" 2>/dev/null \
   || die "the deployment needs dagster-postgres and distributed: $VENV/bin/pip install -e '.[deploy]'"
@@ -44,6 +46,7 @@ else
   mkdir -p "$PGDATA"
 fi
 echo "$PGDATA" > "$STATE/pgdata"
+STARTED=1
 as_pg "$PG_BIN/initdb" -D "$PGDATA" -A trust -U dagster --no-instructions > "$STATE/logs/initdb.log" 2>&1 \
   || die "initdb failed: $(tail -n 5 "$STATE/logs/initdb.log")"
 as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -w -t 60 -l "$PGDATA/server.log" \
@@ -84,7 +87,7 @@ done
 start daemon "$VENV/bin/dagster-daemon" run -w "$ROOT/workspace.yaml"
 start webserver "$VENV/bin/dagster-webserver" -w "$ROOT/workspace.yaml" -h 127.0.0.1 -p "$WEB_PORT"
 
-"$PY" - "$FI_DASK_SCHEDULER" "$WORKERS" "$FI_WEB_URL" "$STATE" <<'PYEOF' || { "$HERE/down.sh" "$STATE"; exit 1; }
+"$PY" - "$FI_DASK_SCHEDULER" "$WORKERS" "$FI_WEB_URL" "$STATE" <<'PYEOF' || die "the services did not come up (logs: $STATE/logs)"
 import sys, time, urllib.request
 from pathlib import Path
 from distributed import Client
