@@ -22,8 +22,10 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import distributed  # noqa: F401 - the one package FI_EXECUTOR=dask needs, checked when it is chosen
 from dagster import (
     Executor,
     Field,
@@ -78,23 +80,27 @@ class RunKeyedDaskExecutor(Executor):
     def retries(self) -> RetryMode:
         return RetryMode.DISABLED  # a step lost with its worker is retried by Dask itself
 
-    def _cluster(self) -> Any:
-        if self.cluster_type == "existing":
-            return self.cluster_configuration["address"]
-        from distributed import LocalCluster
+    @contextmanager
+    def _client(self) -> Iterator[Any]:
+        """A client of the scheduler configured, or of a local cluster made for this run and closed with it."""
+        from distributed import Client, LocalCluster
 
+        if self.cluster_type == "existing":
+            with Client(self.cluster_configuration["address"]) as client:
+                yield client
+            return
         # One thread per worker: Dagster steps are not run two at a time in one process.
-        return LocalCluster(**{"threads_per_worker": 1, **self.cluster_configuration})
+        settings = {"threads_per_worker": 1, **self.cluster_configuration}
+        with LocalCluster(**settings) as cluster, Client(cluster) as client:
+            yield client
 
     def execute(self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan) -> Iterator[DagsterEvent]:
-        from distributed import Client
-
         instance, run = plan_context.instance, plan_context.dagster_run
         errors: dict[str, Any] = {}
         with (
             InstanceConcurrencyContext(instance, run) as pools,
             execution_plan.start(retry_mode=self.retries, instance_concurrency_context=pools) as active,
-            Client(self._cluster()) as client,
+            self._client() as client,
         ):
             futures: dict[str, Any] = {}
             while not active.is_complete or futures:
@@ -114,14 +120,27 @@ class RunKeyedDaskExecutor(Executor):
                     future = futures.pop(key)
                     try:
                         events = [deserialize_value(e, DagsterEvent) for e in future.result()]
-                    except Exception:  # the step's workers died (KilledWorker), or it never started
-                        events = []
-                        errors[key] = serializable_error_info_from_exc_info(sys.exc_info())
+                    except Exception:  # the step's workers died (KilledWorker), or the task itself failed
+                        error = serializable_error_info_from_exc_info(sys.exc_info())
+                        step_context = plan_context.for_step(active.get_step_by_key(key))
+                        yield DagsterEvent.engine_event(
+                            step_context,
+                            f'Dask could not finish step "{key}": {error.message.strip()}',
+                            EngineEventData.engine_error(error),
+                        )
+                        # A failure event of its own: the step's pool slot is freed, its dependents skipped.
+                        event = self.log_failure_or_retry_event_after_error(
+                            step_context, error, active.get_known_state()
+                        )
+                        events = [event]
+                        if event.is_step_failure:
+                            errors[key] = error
                     for event in events:
                         yield event
                         active.handle_event(event)
                     active.verify_complete(plan_context, key)
                 yield from active.plan_events_iterator(plan_context)
+                yield from active.concurrency_event_iterator(plan_context)  # steps waiting for a pool slot
                 # A failed step's dependents are skipped (above); the steps that do not need it go on.
                 for step in active.get_steps_to_execute():
                     yield DagsterEvent.engine_event(
@@ -145,12 +164,12 @@ class RunKeyedDaskExecutor(Executor):
                         pure=False,
                     )
                 time.sleep(POLL_S)
-        if errors:
-            raise DagsterSubprocessError(
-                "Dask could not finish these steps:\n"
-                + "\n".join(f"[{key}]: {error.to_string()}" for key, error in errors.items()),
-                subprocess_error_infos=list(errors.values()),
-            )
+            if errors:  # raised inside the plan's context, as Dagster's own executors do
+                raise DagsterSubprocessError(
+                    "Dask could not finish these steps:\n"
+                    + "\n".join(f"[{key}]: {error.to_string()}" for key, error in errors.items()),
+                    subprocess_error_infos=list(errors.values()),
+                )
 
 
 @executor(

@@ -105,10 +105,11 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         "FI_CONFIG": str(project),
         "FI_AUTOMATION": "off",  # this test launches every run itself
         "FI_WEB_PORT": str(free_port()),
+        "FI_WORKERS": "2",
         "VENV": str(Path(sys.executable).parent.parent),
     }
-    up = subprocess.run([str(UP), str(state)], env=env, capture_output=True, text=True, timeout=600)
     try:
+        up = subprocess.run([str(UP), str(state)], env=env, capture_output=True, text=True, timeout=600)
         assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
         exported = {}
         for line in (state / "env.sh").read_text().splitlines():
@@ -128,15 +129,18 @@ def _cache_rows(data: Path) -> dict[str, float]:
         return dict(db.execute("SELECT key, created FROM responses").fetchall())
 
 
-def _worker_running(address: str, step: str) -> str | None:
-    """The name of the Dask worker whose task for `step` is running now (task keys are `job.step`)."""
+def _worker_executing(address: str, step: str) -> tuple[str, str] | None:
+    """(worker name, run id) of a Dask worker executing `step` right now (task keys: `job.run_id.step`)."""
     from distributed import Client
 
+    def executing(dask_worker) -> tuple[str, list[str]]:  # runs on each worker
+        return str(dask_worker.name), [str(ts.key) for ts in dask_worker.state.executing]
+
     with Client(address, timeout=30) as client:
-        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
-        for addr, keys in client.processing().items():
-            if any(str(k).endswith(f".{step}") for k in keys):
-                return str(names.get(addr))
+        for name, keys in client.run(executing).values():
+            for key in keys:
+                if key.endswith(f".{step}"):
+                    return name, key.split(".")[-2]
     return None
 
 
@@ -191,12 +195,14 @@ def test_a_backfill_of_every_shard_on_two_dask_workers_survives_a_killed_worker(
         backfill_id = launched["backfillId"]
 
         # Kill the worker generating instruction pairs once it has cached an answer of its own.
-        killed, deadline = None, time.monotonic() + BACKFILL_TIMEOUT_S
-        while killed is None:
+        executing, deadline = None, time.monotonic() + BACKFILL_TIMEOUT_S
+        while executing is None:
             assert time.monotonic() < deadline, f"no {KILLED_STEP} step was seen generating\n{d.logs()}"
             if len(_cache_rows(d.data)) > len(before_backfill):
-                killed = _worker_running(scheduler, KILLED_STEP)
+                executing = _worker_executing(scheduler, KILLED_STEP)
             time.sleep(0.5)
+        killed, killed_run = executing
+        killed_shard = instance.get_run_by_id(killed_run).tags["dagster/partition"]  # type: ignore[union-attr]
         cached_at_kill = _cache_rows(d.data)
         os.killpg(d.worker_pid(killed), signal.SIGKILL)  # the worker and its nanny: the whole worker is gone
         survivor = next(f"worker-{i}" for i in (1, 2) if f"worker-{i}" != killed)
@@ -239,8 +245,10 @@ def test_a_backfill_of_every_shard_on_two_dask_workers_survives_a_killed_worker(
         where = _executed_by(instance, {r.run_id for r in runs} | set(reruns))
         workers = {w.split()[2] for w in where.values() if w.startswith("dask worker ")}
         assert workers == {"worker-1", "worker-2"}, where
-        by_survivor = {(stage, shard) for (stage, shard, _), w in where.items() if f" {survivor} " in w}
-        assert {stage for stage, _ in by_survivor} >= {KILLED_STEP, "judged_corpus"}, where
+        # The killed shard's pairs (and its judgements) were made on the survivor.
+        for stage in (KILLED_STEP, "judged_corpus"):
+            made = [w for (st, shard, _), w in where.items() if st == stage and shard == killed_shard]
+            assert made and all(f" {survivor} " in w for w in made), (stage, killed_shard, where)
 
     outcome = f"{len(failed)} run(s) failed and were re-executed from failure" if failed else "the step ran again"
     record(

@@ -19,12 +19,12 @@ for name in webserver daemon $(cd "$STATE/pids" 2>/dev/null && ls worker-*.pid 2
 done
 if [ -f "$STATE/pgdata" ]; then
   PGDATA=$(cat "$STATE/pgdata")
-  PG_BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+  PG_BIN=$(cat "$STATE/pgbin" 2>/dev/null || ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
   if [ -d "$PGDATA" ]; then
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null
     else "$PG_BIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null; fi
     rm -rf "$PGDATA"
   fi
-  rm -f "$STATE/pgdata"
+  rm -f "$STATE/pgdata" "$STATE/pgbin"
 fi
 echo "deployment at $STATE stopped"

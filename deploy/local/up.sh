@@ -14,7 +14,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 STATE=$(mkdir -p "${1:-$ROOT/.deploy}" && cd "${1:-$ROOT/.deploy}" && pwd)
 VENV=${VENV:-$ROOT/.venv}
 WORKERS=${FI_WORKERS:-2}
-CONFIG=$(realpath "${FI_CONFIG:-$ROOT/fineinstructions.yaml}")
+CONFIG=$(realpath -m "${FI_CONFIG:-$ROOT/fineinstructions.yaml}")
 PY="$VENV/bin/python"
 
 STARTED=""
@@ -23,7 +23,7 @@ die() { echo "up.sh: $*" >&2; [ -n "$STARTED" ] && "$HERE/down.sh" "$STATE" >&2;
 [ -x "$PY" ] || die "no Python environment at $VENV (run 'make install' first, or set VENV)"
 "$PY" -c "import dagster_postgres, distributed" 2>/dev/null \
   || die "the deployment needs dagster-postgres and distributed: $VENV/bin/pip install -e '.[deploy]'"
-PG_BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+PG_BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)}
 [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/pg_ctl" ] \
   || die "no PostgreSQL server binaries (initdb, pg_ctl) under '${PG_BIN}': apt-get install postgresql"
 [ -f "$CONFIG" ] || die "no project config at $CONFIG (set FI_CONFIG)"
@@ -46,11 +46,12 @@ else
   mkdir -p "$PGDATA"
 fi
 echo "$PGDATA" > "$STATE/pgdata"
+echo "$PG_BIN" > "$STATE/pgbin"
 STARTED=1
 as_pg "$PG_BIN/initdb" -D "$PGDATA" -A trust -U dagster --no-instructions > "$STATE/logs/initdb.log" 2>&1 \
   || die "initdb failed: $(tail -n 5 "$STATE/logs/initdb.log")"
 as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -w -t 60 -l "$PGDATA/server.log" \
-  -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PGDATA" start > "$STATE/logs/pg_ctl.log" 2>&1 \
+  -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=''" start > "$STATE/logs/pg_ctl.log" 2>&1 \
   || die "PostgreSQL did not start: $(tail -n 5 "$PGDATA/server.log" 2>/dev/null)"
 "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U dagster dagster \
   || die "could not create the database 'dagster' on 127.0.0.1:$PG_PORT"
