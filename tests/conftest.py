@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,19 @@ def dagster_home(tmp_path: Path):
         os.environ.pop("DAGSTER_HOME", None)
     else:
         os.environ["DAGSTER_HOME"] = old
+
+
+def cache_rows(data: Path) -> dict[str, float]:
+    """The request cache of a data directory: key -> when its answer was stored (a regenerated answer
+    gets a new time)."""
+    path = data / "request_cache.sqlite"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(path, timeout=60) as db:
+        return dict(db.execute("SELECT key, created FROM responses").fetchall())
+
+
+def accounting_balanced(data: Path) -> bool:
+    """Every stage accounting record of the data directory's lake balances (and there is at least one)."""
+    records = [json.loads(p.read_text()) for p in (data / "lake" / "_accounting").glob("*/*.json")]
+    return bool(records) and all(r["balanced"] for r in records)

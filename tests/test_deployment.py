@@ -13,10 +13,8 @@ Skipped, with the reason, only where PostgreSQL's server binaries or the deploy 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_tiny_project, record
+from conftest import ROOT, accounting_balanced, cache_rows, make_tiny_project, record
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from services import free_port, graphql, location_loaded, tail, wait_for
 
@@ -121,14 +119,6 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         subprocess.run([str(DOWN), str(state)], env=env, capture_output=True, timeout=120)
 
 
-def _cache_rows(data: Path) -> dict[str, float]:
-    path = data / "request_cache.sqlite"
-    if not path.exists():
-        return {}
-    with sqlite3.connect(path, timeout=60) as db:
-        return dict(db.execute("SELECT key, created FROM responses").fetchall())
-
-
 def _worker_executing(address: str, step: str) -> tuple[str, str] | None:
     """(worker name, run id) of a Dask worker executing `step` right now (task keys: `job.run_id.step`)."""
     from distributed import Client
@@ -185,7 +175,7 @@ def test_a_backfill_of_every_shard_on_two_dask_workers_survives_a_killed_worker(
         ).success
         wait_for("the webserver's code location", lambda: location_loaded(url, [], d.logs), 240, d.logs)
 
-        before_backfill = _cache_rows(d.data)
+        before_backfill = cache_rows(d.data)
         launched = graphql(
             url,
             LAUNCH_BACKFILL,
@@ -198,12 +188,12 @@ def test_a_backfill_of_every_shard_on_two_dask_workers_survives_a_killed_worker(
         executing, deadline = None, time.monotonic() + BACKFILL_TIMEOUT_S
         while executing is None:
             assert time.monotonic() < deadline, f"no {KILLED_STEP} step was seen generating\n{d.logs()}"
-            if len(_cache_rows(d.data)) > len(before_backfill):
+            if len(cache_rows(d.data)) > len(before_backfill):
                 executing = _worker_executing(scheduler, KILLED_STEP)
             time.sleep(0.5)
         killed, killed_run = executing
         killed_shard = instance.get_run_by_id(killed_run).tags["dagster/partition"]  # type: ignore[union-attr]
-        cached_at_kill = _cache_rows(d.data)
+        cached_at_kill = cache_rows(d.data)
         os.killpg(d.worker_pid(killed), signal.SIGKILL)  # the worker and its nanny: the whole worker is gone
         survivor = next(f"worker-{i}" for i in (1, 2) if f"worker-{i}" != killed)
 
@@ -235,10 +225,9 @@ def test_a_backfill_of_every_shard_on_two_dask_workers_survives_a_killed_worker(
         # Every shard's whole chain is materialized, and the stage accounting balances.
         for stage in SHARD_CHAIN:
             assert set(shards) <= instance.get_materialized_partitions(AssetKey(stage)), stage
-        records = [json.loads(p.read_text()) for p in (d.data / "lake" / "_accounting").glob("*/*.json")]
-        assert records and all(r["balanced"] for r in records)
+        assert accounting_balanced(d.data)
         # No answer cached before the kill was generated again (its row would have a new `created`).
-        after = _cache_rows(d.data)
+        after = cache_rows(d.data)
         assert {k: after.get(k) for k in cached_at_kill} == cached_at_kill
 
         # Steps ran on both workers, and the killed step and what follows it ran again on the survivor.

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, gates_off, make_tiny_project, record
+from conftest import ROOT, accounting_balanced, cache_rows, gates_off, make_tiny_project, record
 
 pytestmark = pytest.mark.fault
 
@@ -67,17 +66,9 @@ class Cli:
         return rc
 
 
-def _cache_rows(data: Path) -> dict[str, float]:
-    path = data / "request_cache.sqlite"
-    if not path.exists():
-        return {}
-    with sqlite3.connect(path, timeout=60) as db:
-        return dict(db.execute("SELECT key, created FROM responses").fetchall())
-
-
 def _wait_for_new_answers(data: Path, before: int, cli: Cli, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
-    while len(_cache_rows(data)) <= before:
+    while len(cache_rows(data)) <= before:
         if cli.proc.poll() is not None:
             raise AssertionError(f"the run ended before answering anything:\n{cli.text()}")
         if time.monotonic() > deadline:
@@ -111,11 +102,6 @@ def home(tmp_path: Path) -> Path:
     return h
 
 
-def _accounting_balanced(data: Path) -> bool:
-    records = [json.loads(p.read_text()) for p in (data / "lake" / "_accounting").glob("*/*.json")]
-    return bool(records) and all(r["balanced"] for r in records)
-
-
 def test_sigkill_during_each_llm_stage_then_rerun_loses_nothing(tmp_path: Path, home: Path):
     project = _small_project(tmp_path, docs=2, rows=1)
     data = project.parent / "data"
@@ -123,7 +109,7 @@ def test_sigkill_during_each_llm_stage_then_rerun_loses_nothing(tmp_path: Path, 
         cli = Cli(project, home, "run")
         total = int(cli.wait_for(rf"{stage}: 0/(\d+) requests").group(1))
         assert total >= 2, f"{stage} has {total} request(s): too few to be killed between two answers"
-        _wait_for_new_answers(data, len(_cache_rows(data)), cli)
+        _wait_for_new_answers(data, len(cache_rows(data)), cli)
         cli.kill9()
         if stage != "genericize":
             # the run before this one was killed: this one said so and went on
@@ -133,7 +119,7 @@ def test_sigkill_during_each_llm_stage_then_rerun_loses_nothing(tmp_path: Path, 
             "the next run marks the dead run failed, frees its pool slot and goes on; answers already "
             "generated are reused from the request cache",
         )
-    before = _cache_rows(data)
+    before = cache_rows(data)
     # a reader holds the catalog open (read-only, in another process) while the run adds views to it
     reader = subprocess.Popen(
         [
@@ -152,11 +138,11 @@ def test_sigkill_during_each_llm_stage_then_rerun_loses_nothing(tmp_path: Path, 
     reader.kill()
     assert rc == 0, final.text()
     assert "marked 1 run(s) failed whose process is gone" in final.text()
-    after = _cache_rows(data)
+    after = cache_rows(data)
     # no finished answer was generated again: every answer cached before the rerun is untouched
     assert all(after.get(k) == created for k, created in before.items())
     assert set(before) <= set(after)
-    assert _accounting_balanced(data)
+    assert accounting_balanced(data)
     again = Cli(project, home, "run")
     assert again.wait() == 0
     assert "pipeline finished: 0 runs" in again.text(), again.text()  # nothing lost, nothing stale
@@ -210,7 +196,7 @@ def test_sigkill_between_writing_and_renaming_a_lake_file(tmp_path: Path, home: 
     rerun = Cli(project, home, "run")
     assert rerun.wait() == 0, rerun.text()
     assert list((data / "lake" / "query_set").glob("*.parquet"))
-    assert _accounting_balanced(data)
+    assert accounting_balanced(data)
     record(
         "SIGKILL between writing a lake file and renaming it into place",
         "no partial file under the real name (the temporary file is ignored); the rerun rebuilds the partition",
@@ -224,7 +210,7 @@ def test_two_runs_at_once_on_one_data_directory(tmp_path: Path, home: Path):
     b = Cli(project, home, "run")
     assert a.wait() == 0, a.text()
     assert b.wait() == 0, b.text()
-    assert _accounting_balanced(data)
+    assert accounting_balanced(data)
     third = Cli(project, home, "run")
     assert third.wait() == 0
     assert "pipeline finished: 0 runs" in third.text(), third.text()
@@ -253,7 +239,7 @@ def test_two_runs_at_once_on_one_data_directory(tmp_path: Path, home: Path):
     damaged.unlink()  # what the message says to do
     healed = Cli(project, home, "--set", "query_filters.min_chars=9", "run")
     assert healed.wait() == 0, healed.text()
-    assert _accounting_balanced(data)
+    assert accounting_balanced(data)
 
 
 def test_a_held_pool_is_named_and_given_up_on(tmp_path: Path, home: Path):
