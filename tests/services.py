@@ -86,6 +86,19 @@ query {
 """
 
 
+# "Re-execute" in the UI: ALL_STEPS, or FROM_FAILURE for a failed run.
+REEXECUTE = """
+mutation($parentRunId: String!, $strategy: ReexecutionStrategy!) {
+  launchRunReexecution(reexecutionParams: {parentRunId: $parentRunId, strategy: $strategy}) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+
 def graphql(url: str, query: str, **variables: Any) -> dict[str, Any]:
     body = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=60).json()
     assert "errors" not in body, body

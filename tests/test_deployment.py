@@ -26,7 +26,7 @@ import pytest
 import yaml
 from conftest import ROOT, accounting_balanced, cache_rows, make_tiny_project, record
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
-from services import free_port, graphql, location_loaded, tail, wait_for
+from services import REEXECUTE, free_port, graphql, location_loaded, tail, wait_for
 
 from fineinstructions_assets.partitions import register_partitions
 from fineinstructions_assets.runs import cli_run_config, execute_defined_job, process_tags
@@ -50,15 +50,7 @@ mutation($params: LaunchBackfillParams!) {
   }
 }
 """
-REEXECUTE_FROM_FAILURE = """
-mutation($parentRunId: String!) {
-  launchRunReexecution(reexecutionParams: {parentRunId: $parentRunId, strategy: FROM_FAILURE}) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-  }
-}
-"""
+
 
 
 def _missing() -> str | None:
@@ -209,7 +201,7 @@ def test_a_backfill_of_every_shard_on_two_dask_workers_survives_a_killed_worker(
         # The rerun of a run the kill failed: from its failure, through GraphQL as the UI's button does.
         reruns = []
         for run in failed:
-            again = graphql(url, REEXECUTE_FROM_FAILURE, parentRunId=run.run_id)["launchRunReexecution"]
+            again = graphql(url, REEXECUTE, parentRunId=run.run_id, strategy="FROM_FAILURE")["launchRunReexecution"]
             assert again["__typename"] == "LaunchRunSuccess", again
             reruns.append(again["run"]["runId"])
         for run_id in reruns:

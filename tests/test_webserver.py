@@ -27,7 +27,7 @@ import requests
 from conftest import ROOT, make_tiny_project
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
-from services import BIN, LOCATION, free_port, graphql, location_loaded, service, tail, wait_for
+from services import BIN, LOCATION, REEXECUTE, free_port, graphql, location_loaded, service, tail, wait_for
 
 from fineinstructions_assets.definitions import job_for
 from fineinstructions_assets.partitions import register_partitions
@@ -51,17 +51,6 @@ query($runId: ID!) {
   runOrError(runId: $runId) {
     __typename
     ... on Run { pipelineName status repositoryOrigin { repositoryName repositoryLocationName } }
-  }
-}
-"""
-
-REEXECUTE = """
-mutation($parentRunId: String!) {
-  launchRunReexecution(reexecutionParams: {parentRunId: $parentRunId, strategy: ALL_STEPS}) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
   }
 }
 """
@@ -174,7 +163,7 @@ def test_partition_run_through_webserver_and_daemon(stack: Stack) -> None:
         "repositoryName": "__repository__",
         "repositoryLocationName": LOCATION,
     }, seen
-    launched = graphql(url, REEXECUTE, parentRunId=stack.cli_run_id)["launchRunReexecution"]
+    launched = graphql(url, REEXECUTE, parentRunId=stack.cli_run_id, strategy="ALL_STEPS")["launchRunReexecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     rerun_id = launched["run"]["runId"]
     _wait_for_run(stack, rerun_id, client)
